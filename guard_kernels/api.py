@@ -1,0 +1,186 @@
+"""The public entry point: validate arguments once, then dispatch to the Triton or PyTorch path."""
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .reference import torch_cross_attention
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
+#: Largest head dim the fused kernel tiles (one power-of-two tile of D per program).
+TRITON_MAX_HEAD_DIM = 256
+#: Largest key count the fused kernel holds in one tile (Nk is the text length: 77, 154, 231).
+TRITON_MAX_KEYS = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True when the Triton package imports (it may still lack a GPU driver)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _finite(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            expected = "(B, Nq, H, D)" if name == "q" else "(B, Nk, H, D)"
+            raise ValueError(f"{name} must have shape {expected} (4 dims), got shape {tuple(t.shape)}")
+        if t.dtype not in TORCH_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(
+                f"{name} must have unit stride on its last (head) dim, got strides {tuple(t.stride())};"
+                " pass a .view of the projection output, or call .contiguous()"
+            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, num_queries, heads, head_dim = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape (B, Nk, H, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[2] != heads or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}: expected "
+            f"(B={batch}, Nk, H={heads}, D={head_dim})"
+        )
+    if num_queries < 1 or k.shape[1] < 1 or head_dim < 1:
+        raise ValueError(f"q and k need at least one query, key and channel, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _token_tensor(name: str, value, batch: int, heads: int, num_keys: int, device, dtype) -> Optional[torch.Tensor]:
+    """Normalise token_scale/token_bias to a (B, H, Nk) view in the accumulation dtype."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be None or a tensor of shape (B, Nk) or (B, H, Nk), got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}")
+    if tuple(value.shape) == (batch, num_keys):
+        value = value.unsqueeze(1)
+    elif tuple(value.shape) != (batch, heads, num_keys):
+        raise ValueError(
+            f"{name} must have shape (B, Nk)=({batch}, {num_keys}) or (B, H, Nk)=({batch}, {heads}, {num_keys}),"
+            f" got {tuple(value.shape)}"
+        )
+    return value.to(dtype).expand(batch, heads, num_keys)
+
+
+def _spike_rows(value, batch: int, device) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"spike_rows must be None or a bool tensor of shape (B,)=({batch},), got {type(value).__name__}")
+    if value.dtype != torch.bool:
+        raise TypeError(f"spike_rows must be a bool tensor of shape (B,)=({batch},), got dtype {value.dtype}")
+    if tuple(value.shape) != (batch,):
+        raise ValueError(f"spike_rows must have shape (B,)=({batch},), got {tuple(value.shape)}")
+    # A CPU mask for CUDA inputs is copied without blocking the host.
+    return value.to(device, non_blocking=True)
+
+
+def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    head_dim = q.shape[-1]
+    fits = head_dim <= TRITON_MAX_HEAD_DIM and num_keys <= TRITON_MAX_KEYS
+    if backend == "auto":
+        usable = q.is_cuda and q.dtype in TRITON_DTYPES and fits and triton_available()
+        return "triton" if usable else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if not q.is_cuda and not _interpreting():
+            raise RuntimeError(
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before guard_kernels is imported;"
+                " use backend='torch' (or 'auto') on the CPU"
+            )
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
+        if not fits:
+            raise ValueError(
+                f"the Triton kernel supports D <= {TRITON_MAX_HEAD_DIM} and Nk <= {TRITON_MAX_KEYS}, got D={head_dim},"
+                f" Nk={num_keys}; use backend='torch'"
+            )
+    return backend
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    spike_rows: Optional[torch.Tensor] = None,
+    spike_threshold: float = 0.1,
+    spike_scale: float = 0.3,
+    token_scale: Optional[torch.Tensor] = None,
+    token_bias: Optional[torch.Tensor] = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+):
+    """Cross-attention with GUARD's per-token statistics and spike attenuation, fused.
+
+    Args:
+        q: (B, Nq, H, D) queries; k, v: (B, Nk, H, D) keys/values. Any strides with unit stride on
+            D, so ``to_q(x).view(B, N, H, D)`` needs no copy.
+        scale: logit scale, default ``D ** -0.5``.
+        spike_rows: None or bool (B,): rows on which the spike rule runs (GUARD's positive rows).
+            On those rows, tokens j >= 1 whose peak logit over all queries has a z-score above
+            ``spike_threshold`` get their logits multiplied by ``spike_scale`` for every query.
+        token_scale, token_bias: None, (B, Nk) or (B, H, Nk). Final logits are
+            ``l * token_scale * (spike_scale if spike else 1) + token_bias``; a ``-inf`` bias masks
+            a token, and a row with every token masked outputs zeros.
+        return_stats: also return :class:`~guard_kernels.stats.AttentionStats`.
+        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
+
+    Returns:
+        ``out`` (B, Nq, H, D), contiguous, in q's dtype; or ``(out, stats)`` with ``return_stats``.
+    """
+    _check_qkv(q, k, v)
+    batch, _, heads, head_dim = q.shape
+    num_keys = k.shape[1]
+    scale = head_dim**-0.5 if scale is None else _finite("scale", scale)
+    spike_threshold = _finite("spike_threshold", spike_threshold)
+    spike_scale = _finite("spike_scale", spike_scale)
+    spike_rows = _spike_rows(spike_rows, batch, q.device)
+    backend = _resolve_backend(backend, q, num_keys)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    token_scale = _token_tensor("token_scale", token_scale, batch, heads, num_keys, q.device, acc)
+    token_bias = _token_tensor("token_bias", token_bias, batch, heads, num_keys, q.device, acc)
+
+    if backend == "triton":
+        from .triton_fused import triton_cross_attention
+
+        out, stats = triton_cross_attention(
+            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, bool(return_stats)
+        )
+    else:
+        out, stats = torch_cross_attention(
+            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, bool(return_stats)
+        )
+    return (out, stats) if return_stats else out

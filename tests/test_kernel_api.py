@@ -1,0 +1,205 @@
+"""guard_kernels.cross_attention: argument checking and the PyTorch path against a float64 reference.
+
+The reference below is written independently of guard_kernels (materialised logits, explicit
+z-score), so a mistake in the shared spike rule would show up here.
+"""
+
+import math
+
+import pytest
+import torch
+
+import guard_kernels
+from guard_kernels import AttentionStats, cross_attention
+from guard_kernels.reference import torch_cross_attention
+
+
+def naive_reference(q, k, v, scale=None, spike_rows=None, threshold=0.1, alpha=0.3, token_scale=None, token_bias=None):
+    """Materialising float64 GUARD cross-attention; returns out (B,Nq,H,D), max_logit, mass, spikes."""
+    q, k, v = (t.double() for t in (q, k, v))
+    batch, nq, heads, dim = q.shape
+    nk = k.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    peaks = logits.amax(dim=2)  # (B,H,Nk)
+    spikes = torch.zeros(batch, heads, nk, dtype=torch.bool)
+    if spike_rows is not None and nk >= 3:
+        for b in range(batch):
+            if not spike_rows[b]:
+                continue
+            for h in range(heads):
+                body = peaks[b, h, 1:]
+                z = (body - body.mean()) / (body.std(unbiased=True) + 1e-6)
+                spikes[b, h, 1:] = z > threshold
+    factor = torch.where(spikes, alpha, 1.0).double()
+    if token_scale is not None:
+        ts = token_scale.double()
+        factor = factor * (ts[:, None, :] if ts.dim() == 2 else ts)
+    mod = logits * factor[:, :, None, :]
+    if token_bias is not None:
+        tb = token_bias.double()
+        mod = mod + (tb[:, None, None, :] if tb.dim() == 2 else tb[:, :, None, :])
+    probs = torch.softmax(mod, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> zeros
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out, peaks, probs.sum(dim=2), spikes
+
+
+def spiky_inputs(batch, nq, nk, heads, dim, dtype=torch.float32, seed=0, clear_margin=1e-3, threshold=0.1):
+    """Random q/k/v with a few boosted keys; redrawn until no z-score sits near the threshold."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(100):
+        q = torch.randn(batch, nq, heads, dim, generator=gen)
+        k = torch.randn(batch, nk, heads, dim, generator=gen)
+        if nk > 3:
+            k[:, 2] *= 3.0  # a clear spike candidate
+        v = torch.randn(batch, nk, heads, dim, generator=gen)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        peaks = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()).amax(2) * dim**-0.5
+        if nk < 3:
+            return q, k, v
+        body = peaks[..., 1:]
+        z = (body - body.mean(-1, keepdim=True)) / (body.std(-1, keepdim=True) + 1e-6)
+        if (z - threshold).abs().min() > clear_margin:
+            return q, k, v
+    raise RuntimeError("could not draw inputs away from the threshold")
+
+
+@pytest.mark.parametrize(
+    "batch,nq,nk,heads,dim",
+    [(2, 100, 77, 2, 40), (3, 257, 154, 1, 64), (1, 33, 2, 2, 80), (2, 17, 1, 1, 160), (3, 64, 5, 2, 8)],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_path_matches_float64_reference(batch, nq, nk, heads, dim, dtype):
+    q, k, v = spiky_inputs(batch, nq, nk, heads, dim, dtype, seed=nq + nk)
+    spike_rows = torch.tensor([b % 2 == 1 for b in range(batch)])
+    out, stats = cross_attention(q, k, v, spike_rows=spike_rows, return_stats=True, backend="torch")
+    ref_out, ref_max, ref_mass, ref_spikes = naive_reference(q, k, v, spike_rows=spike_rows)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert out.dtype == dtype and out.shape == (batch, nq, heads, dim) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=tol)
+    torch.testing.assert_close(stats.max_logit.double(), ref_max, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(stats.mass.double(), ref_mass, rtol=1e-5, atol=tol * nq)
+    assert torch.equal(stats.spikes, ref_spikes)
+    assert stats.max_logit.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if nk > 3:
+        assert ref_spikes[1::2].any(), "the test inputs should contain spikes on spiked rows"
+
+
+def test_token_scale_and_bias_masking_including_a_fully_masked_row():
+    q, k, v = spiky_inputs(3, 50, 77, 2, 40, torch.float64, seed=3)
+    token_scale = 0.5 + torch.rand(3, 2, 77, dtype=torch.float64)
+    token_bias = torch.zeros(3, 77, dtype=torch.float64)
+    token_bias[0, 10:] = float("-inf")  # Ren et al.: mask tokens after EOS
+    token_bias[2, :] = float("-inf")  # every token masked -> zeros
+    spike_rows = torch.tensor([True, True, False])
+    out, stats = cross_attention(
+        q, k, v, spike_rows=spike_rows, token_scale=token_scale, token_bias=token_bias, return_stats=True, backend="torch"
+    )
+    ref_out, _, ref_mass, ref_spikes = naive_reference(
+        q, k, v, spike_rows=spike_rows, token_scale=token_scale, token_bias=token_bias
+    )
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(stats.mass, ref_mass, rtol=0, atol=1e-9)
+    assert stats.mass[0, :, 10:].abs().max() == 0
+    assert torch.equal(stats.spikes, ref_spikes)
+
+
+def test_strided_views_of_projection_outputs_need_no_copy():
+    batch, n, heads, dim, nk = 2, 40, 3, 40, 77
+    qkv = torch.randn(batch, n, 3 * heads * dim, dtype=torch.float64)
+    q = qkv[..., : heads * dim].view(batch, n, heads, dim)
+    kv = torch.randn(batch, nk, 2 * heads * dim, dtype=torch.float64)
+    k = kv[..., : heads * dim].view(batch, nk, heads, dim)
+    v = kv[..., heads * dim :].view(batch, nk, heads, dim)
+    assert not q.is_contiguous()
+    out = cross_attention(q, k, v, spike_rows=torch.tensor([True, False]))
+    torch.testing.assert_close(out, naive_reference(q, k, v, spike_rows=torch.tensor([True, False]))[0])
+
+
+def test_small_chunks_give_the_same_result():
+    q, k, v = spiky_inputs(2, 130, 77, 2, 40, torch.float64, seed=9)
+    rows = torch.tensor([True, False])
+    args = (1 / math.sqrt(40), rows, 0.1, 0.3, None, None, True)
+    full, full_stats = torch_cross_attention(q, k, v, *args)
+    chunked, chunked_stats = torch_cross_attention(q, k, v, *args, chunk_elements=77 * 4 * 7)
+    torch.testing.assert_close(full, chunked, rtol=0, atol=1e-12)
+    for a, b in zip(full_stats, chunked_stats):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_return_stats_off_gives_the_same_output_and_alpha_one_is_plain_attention():
+    q, k, v = spiky_inputs(2, 30, 77, 2, 64, torch.float64, seed=4)
+    rows = torch.tensor([True, True])
+    with_stats, stats = cross_attention(q, k, v, spike_rows=rows, return_stats=True)
+    assert isinstance(stats, AttentionStats)
+    assert torch.equal(with_stats, cross_attention(q, k, v, spike_rows=rows))
+    plain = cross_attention(q, k, v, spike_rows=rows, spike_scale=1.0)
+    torch.testing.assert_close(plain, naive_reference(q, k, v)[0], rtol=0, atol=1e-12)
+
+
+def _qkv(batch=2, nq=8, nk=5, heads=2, dim=16, dtype=torch.float32):
+    return torch.randn(batch, nq, heads, dim, dtype=dtype), torch.randn(batch, nk, heads, dim, dtype=dtype), torch.randn(
+        batch, nk, heads, dim, dtype=dtype
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, r"q must have shape \(B, Nq, H, D\)"),
+        (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "does not match q shape"),
+        (lambda q, k, v: (q, k[:, :, :1], v[:, :, :1]), ValueError, "does not match q shape"),
+        (lambda q, k, v: (q, k, v[:, :4]), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: (q, k[..., :8], v[..., :8]), ValueError, "does not match"),
+        (lambda q, k, v: (q.half(), k, v), TypeError, "share one dtype"),
+        (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "supported: float16"),
+        (lambda q, k, v: (q.transpose(2, 3), k, v), ValueError, "unit stride"),
+        (lambda q, k, v: ("q", k, v), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_bad_tensors_raise_clear_errors(mutate, error, match):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(error, match=match):
+        cross_attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"spike_rows": torch.ones(3, dtype=torch.bool)}, ValueError, r"spike_rows must have shape \(B,\)=\(2,\)"),
+        ({"spike_rows": torch.ones(2)}, TypeError, "spike_rows must be a bool tensor"),
+        ({"spike_rows": [True, False]}, TypeError, "spike_rows must be None or a bool tensor"),
+        ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"spike_threshold": float("inf")}, ValueError, "spike_threshold must be finite"),
+        ({"spike_scale": float("nan")}, ValueError, "spike_scale must be finite"),
+        ({"spike_scale": "x"}, TypeError, "spike_scale must be a real number"),
+        ({"token_scale": torch.ones(2, 4)}, ValueError, r"token_scale must have shape \(B, Nk\)"),
+        ({"token_bias": torch.ones(2, 3, 5)}, ValueError, r"token_bias must have shape"),
+        ({"token_bias": torch.ones(2, 5, dtype=torch.long)}, TypeError, "floating-point"),
+        ({"backend": "cuda"}, ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cross_attention(*_qkv(), **kwargs)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        cross_attention(*_qkv(), backend="triton")
+
+
+def test_float64_is_rejected_by_triton_but_auto_falls_back():
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='triton' supports"):
+        cross_attention(q, k, v, backend="triton")
+    assert cross_attention(q, k, v).dtype == torch.float64
+
+
+def test_public_names():
+    assert guard_kernels.cross_attention is cross_attention
+    assert AttentionStats._fields == ("max_logit", "mass", "spikes")
