@@ -1,0 +1,75 @@
+"""The paper's evaluation protocol (GUARD_SPEC section 5) as reusable pieces.
+
+prompts: the public memorized-prompt lists as typed records, verbatim/template splits and the
+    "unmitigated SSCD > 0.7" filter. ground_truth: the user's training images by LAION index.
+sscd / clip_score: the two image metrics (model files supplied by the user, never downloaded).
+stats: mean with a 95% interval. runner: resumable generation and scoring of (prompt, method)
+    pairs. summary: the paper-style markdown table. FID is out of scope.
+"""
+
+from .clip_score import ClipScorer, prompt_clip_score
+from .embeddings import PromptScore, l2_normalize
+from .ground_truth import GroundTruth, MissingGroundTruthError, find_ground_truth, open_images
+from .prompts import (
+    DATA_DIR_ENV,
+    KINDS,
+    PROMPT_SETS,
+    PromptRecord,
+    load_nemo_memorized,
+    load_nemo_unmemorized,
+    load_prompt_set,
+    load_sd1_nonmemorized,
+    load_sd2_memorized,
+    load_sdv1_memorized,
+    records_from_captions,
+    reference_scores,
+    resolve_data_dir,
+    select_above,
+    select_kind,
+    split_by_kind,
+)
+from .runner import evaluate_prompts, pipeline_generate_fn, rescore
+from .sscd import SSCDScorer, preprocess as sscd_preprocess, prompt_sscd
+from .stats import Interval, mean_interval, student_t_quantile
+from .summary import SummaryRow, format_markdown, prompt_scores, summarise, summary_rows
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "KINDS",
+    "PROMPT_SETS",
+    "ClipScorer",
+    "GroundTruth",
+    "Interval",
+    "MissingGroundTruthError",
+    "PromptRecord",
+    "PromptScore",
+    "SSCDScorer",
+    "SummaryRow",
+    "evaluate_prompts",
+    "find_ground_truth",
+    "format_markdown",
+    "l2_normalize",
+    "load_nemo_memorized",
+    "load_nemo_unmemorized",
+    "load_prompt_set",
+    "load_sd1_nonmemorized",
+    "load_sd2_memorized",
+    "load_sdv1_memorized",
+    "mean_interval",
+    "open_images",
+    "pipeline_generate_fn",
+    "prompt_clip_score",
+    "prompt_scores",
+    "prompt_sscd",
+    "records_from_captions",
+    "reference_scores",
+    "rescore",
+    "resolve_data_dir",
+    "select_above",
+    "select_kind",
+    "split_by_kind",
+    "sscd_preprocess",
+    "student_t_quantile",
+    "summarise",
+    "summary_rows",
+]
