@@ -1,0 +1,173 @@
+"""GUARD's sampling settings, validated once so that the sampler never runs on a bad value.
+
+Defaults are the published GUARD run (GUARD_SPEC sections 2-3); :data:`PRESETS` names the other
+published variants, including one that reproduces the paper's released code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli")
+SCHEDULES = ("cosine", "linear", "sine", "constant")
+DEFAULT_BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block")
+
+#: Number of UNet row groups each method runs per step (unconditional, attenuated, plain prompt).
+BRANCHES = {"guard": 3, "attenuation": 2, "cfg": 2, "ren": 2, "jain": 2, "somepalli": 2}
+
+# A module-name prefix: dot-separated identifiers or indices, e.g. "down_blocks.1" or "mid_block".
+_BLOCK_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+def _real(name: str, value: Any, *, minimum: float | None = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"GuardConfig.{name} must be a real number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"GuardConfig.{name} must be finite, got {number}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"GuardConfig.{name} must be >= {minimum}, got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How one sampling run guides: the method, its scales, and where attenuation applies.
+
+    method: "guard" (3 branches: unconditional, attenuated prompt, plain prompt), "attenuation"
+        (CFG whose conditional branch is attenuated), "cfg" (plain classifier-free guidance), or
+        one of the related inference-time mitigations GUARD is compared with (GUARD_SPEC
+        section 6), all on 2 branches: "ren" (Ren et al. 2024: text positions after the prompt's
+        EOS masked and the BOS logit scaled by ``bos_scale`` on the conditional rows, in every
+        cross-attention layer), "jain" (Jain et al. 2025, static transition: guidance scale
+        ``early_guidance_scale`` while the timestep exceeds ``transition_timestep``, then
+        ``guidance_scale``), "somepalli" (Somepalli et al. 2023: Gaussian noise of standard
+        deviation ``embedding_noise_scale`` added once to the prompt embedding).
+    guidance_scale: attraction weight ``s`` (the CFG scale for "attenuation" and "cfg").
+    repulsion_scale: ``r``, peak weight of the repulsion from the plain-prompt prediction.
+    repulsion_schedule: how the repulsion weight decays over the steps.
+    spike_threshold, spike_scale: the spike rule's z-score threshold ``tau`` and logit factor
+        ``alpha``.
+    blocks: module-name prefixes whose ``attn2`` layers are attenuated; every prefix must match
+        at least one ``attn2`` module of the UNet it is installed on.
+    orthogonalize, ortho_cos_threshold, ortho_coef_clip: the released code's optional removal of
+        the repulsion direction from the attraction direction (GUARD_SPEC section 3).
+    bos_scale: "ren" only, the BOS logit factor c1 on the conditional rows.
+    transition_timestep, early_guidance_scale: "jain" only; the early scale enters the same
+        formula ``eps_u + scale * (eps_c - eps_u)`` as ``guidance_scale``, so 1.0 means no
+        guidance (the conditional prediction alone) and negative values guide away from the prompt.
+    embedding_noise_scale: "somepalli" only, the standard deviation of the embedding noise.
+    """
+
+    method: str = "guard"
+    guidance_scale: float = 7.5
+    repulsion_scale: float = 2.0
+    repulsion_schedule: str = "cosine"
+    spike_threshold: float = 0.1
+    spike_scale: float = 0.3
+    blocks: tuple[str, ...] = field(default=DEFAULT_BLOCKS)
+    orthogonalize: bool = False
+    ortho_cos_threshold: float = 0.9
+    ortho_coef_clip: float = 2.0
+    bos_scale: float = 1.25
+    transition_timestep: float = 500.0
+    early_guidance_scale: float = 1.0
+    embedding_noise_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"GuardConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.repulsion_schedule not in SCHEDULES:
+            raise ValueError(
+                f"GuardConfig.repulsion_schedule must be one of {SCHEDULES}, got {self.repulsion_schedule!r}"
+            )
+        set_ = object.__setattr__  # frozen dataclass: normalise in place once
+        set_(self, "guidance_scale", _real("guidance_scale", self.guidance_scale))
+        set_(self, "repulsion_scale", _real("repulsion_scale", self.repulsion_scale))
+        # The threshold is a z-score: negative values are meaningful (flag tokens below the mean).
+        set_(self, "spike_threshold", _real("spike_threshold", self.spike_threshold, minimum=None))
+        set_(self, "spike_scale", _real("spike_scale", self.spike_scale))
+        set_(self, "ortho_cos_threshold", _real("ortho_cos_threshold", self.ortho_cos_threshold, minimum=-1.0))
+        if self.ortho_cos_threshold > 1.0:
+            raise ValueError(f"GuardConfig.ortho_cos_threshold must be in [-1, 1], got {self.ortho_cos_threshold}")
+        set_(self, "ortho_coef_clip", _real("ortho_coef_clip", self.ortho_coef_clip))
+        set_(self, "bos_scale", _real("bos_scale", self.bos_scale))
+        set_(self, "transition_timestep", _real("transition_timestep", self.transition_timestep))
+        # Negative is Jain et al.'s "opposite guidance".
+        set_(self, "early_guidance_scale", _real("early_guidance_scale", self.early_guidance_scale, minimum=None))
+        set_(self, "embedding_noise_scale", _real("embedding_noise_scale", self.embedding_noise_scale))
+        if not isinstance(self.orthogonalize, bool):
+            raise TypeError(f"GuardConfig.orthogonalize must be a bool, got {self.orthogonalize!r}")
+        set_(self, "blocks", _validate_blocks(self.blocks))
+
+    @property
+    def branches(self) -> int:
+        """UNet row groups per prompt image: 3 for "guard", 2 otherwise."""
+        return BRANCHES[self.method]
+
+    @property
+    def attenuates(self) -> bool:
+        """Whether any rows get GUARD's spike rule ("guard" and "attenuation")."""
+        return self.method in ("guard", "attenuation")
+
+    def replace(self, **changes: Any) -> "GuardConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GuardConfig":
+        """The named published setting (see :data:`PRESETS`), with ``overrides`` applied."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown GuardConfig preset {name!r}; available: {sorted(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown GuardConfig field(s) in overrides: {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _validate_blocks(blocks: Any) -> tuple[str, ...]:
+    if isinstance(blocks, str):
+        raise TypeError(
+            f"GuardConfig.blocks must be a sequence of module-name prefixes, got the string {blocks!r}; "
+            f"write ({blocks!r},)"
+        )
+    try:
+        items = tuple(blocks)
+    except TypeError:
+        raise TypeError(f"GuardConfig.blocks must be a sequence of module-name prefixes, got {blocks!r}") from None
+    if not items:
+        raise ValueError("GuardConfig.blocks must name at least one module prefix, e.g. ('mid_block',)")
+    for item in items:
+        if not isinstance(item, str) or not _BLOCK_PATTERN.match(item):
+            raise ValueError(
+                f"GuardConfig.blocks entries must be dotted module-name prefixes like 'down_blocks.0', got {item!r}"
+            )
+    if len(set(items)) != len(items):
+        raise ValueError(f"GuardConfig.blocks has duplicates: {items}")
+    return items
+
+
+#: Published settings by name. "guard": the paper's GUARD run; "attenuation": the attenuation-only
+#: variant (tau 0.01); "guard-released": the released code path (orthogonalisation left on);
+#: "cfg": plain classifier-free guidance, the unmitigated baseline; "ren", "jain" (no guidance
+#: before t = 500), "jain-opposite" (guidance scale -2 before it) and "somepalli": the related
+#: methods of GUARD_SPEC section 6 with their published settings.
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "guard": MappingProxyType({}),
+        "attenuation": MappingProxyType({"method": "attenuation", "spike_threshold": 0.01, "spike_scale": 0.3}),
+        "guard-released": MappingProxyType({"orthogonalize": True}),
+        "cfg": MappingProxyType({"method": "cfg"}),
+        "ren": MappingProxyType({"method": "ren", "bos_scale": 1.25}),
+        "jain": MappingProxyType({"method": "jain", "transition_timestep": 500.0, "early_guidance_scale": 1.0}),
+        "jain-opposite": MappingProxyType(
+            {"method": "jain", "transition_timestep": 500.0, "early_guidance_scale": -2.0}
+        ),
+        "somepalli": MappingProxyType({"method": "somepalli", "embedding_noise_scale": 0.1}),
+    }
+)

@@ -1,0 +1,265 @@
+"""Combining the UNet's branch predictions into one guided noise prediction (GUARD_SPEC 3-4).
+
+Everything here is device-side tensor arithmetic with Python-float weights, so a sampler can call
+it every step without a host synchronisation (the orthogonalisation's per-image condition is a
+``torch.where``, not an ``if``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple
+
+import torch
+
+from .config import GuardConfig
+
+#: Added under the square roots and to the denominator of the orthogonalisation, as released.
+ORTHO_EPS = 1e-8
+
+
+class GuidanceNorms(NamedTuple):
+    """Per-image magnitudes of one step's guidance terms, float32 tensors of shape (B,).
+
+    attraction: ``|w_pos * v_pos|`` (after orthogonalisation), the pull toward the attenuated
+        (or, for plain CFG, the conditional) prediction.
+    repulsion: ``|w_neg * v_neg|``, the push away from the plain-prompt prediction (0 without it).
+    cosine: cosine between ``v_pos`` and ``v_neg`` before orthogonalisation; near 1 means the
+        attenuation barely changed the prediction (NaN for methods without a repulsive branch).
+    """
+
+    attraction: torch.Tensor
+    repulsion: torch.Tensor
+    cosine: torch.Tensor
+
+
+def _step(step_index, num_steps) -> tuple[int, int]:
+    try:
+        steps = operator.index(num_steps)
+        index = operator.index(step_index)
+    except TypeError:
+        raise TypeError(
+            f"step_index and num_steps must be integers, got {step_index!r} and {num_steps!r}"
+        ) from None
+    if isinstance(num_steps, bool) or isinstance(step_index, bool):
+        raise TypeError("step_index and num_steps must be integers, not bools")
+    if steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {steps}")
+    if not 0 <= index < steps:
+        raise ValueError(f"step_index must be in [0, num_steps={steps}), got {index}")
+    return index, steps
+
+
+def repulsion_weight(step_index: int, num_steps: int, config: GuardConfig) -> float:
+    """``w_neg(i)``: the repulsion scale times the schedule at ``progress = i / num_steps``.
+
+    The repulsion matters early, when the layout (and with it a memorised image) is decided, and
+    the default cosine schedule fades it out toward the end.
+    """
+    index, steps = _step(step_index, num_steps)
+    progress = index / steps
+    r = config.repulsion_scale
+    schedule = config.repulsion_schedule
+    if schedule == "cosine":
+        return r * math.cos(math.pi / 2 * progress)
+    if schedule == "linear":
+        return r * (1.0 - progress)
+    if schedule == "sine":
+        return r * math.sin(math.pi / 2 * progress)
+    return r  # "constant"
+
+
+def _check_predictions(**predictions: torch.Tensor) -> None:
+    reference_name, reference = next(iter(predictions.items()))
+    for name, value in predictions.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.dim() < 1 or value.shape[0] < 1:
+            raise ValueError(f"{name} must have a leading batch dim of at least 1, got shape {tuple(value.shape)}")
+        if value.shape != reference.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)} but {reference_name} has {tuple(reference.shape)};"
+                " every branch prediction must have the same shape"
+            )
+        if value.dtype != reference.dtype or value.device != reference.device:
+            raise ValueError(
+                f"{name} is {value.dtype} on {value.device} but {reference_name} is {reference.dtype} on"
+                f" {reference.device}"
+            )
+
+
+def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.flatten(1).float(), dim=1)
+
+
+def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig):
+    """Remove the repulsion direction from ``v_pos`` per image when the two nearly align (float32)."""
+    pos = v_pos.flatten(1)
+    neg = v_neg.flatten(1)
+    dot = (pos * neg).sum(dim=1)
+    pos_sq = (pos * pos).sum(dim=1)
+    neg_sq = (neg * neg).sum(dim=1)
+    coef = dot / (neg_sq + ORTHO_EPS)
+    cosine = dot / (torch.sqrt(pos_sq + ORTHO_EPS) * torch.sqrt(neg_sq + ORTHO_EPS))
+    clip = config.ortho_coef_clip
+    shift = torch.where(cosine > config.ortho_cos_threshold, coef.clamp(-clip, clip), torch.zeros_like(coef))
+    shape = (-1,) + (1,) * (v_pos.dim() - 1)
+    return v_pos - shift.view(shape) * v_neg, cosine
+
+
+def guard_guidance(
+    eps_u: torch.Tensor,
+    eps_pos: torch.Tensor,
+    eps_neg: torch.Tensor,
+    step_index: int,
+    num_steps: int,
+    config: GuardConfig,
+    *,
+    return_norms: bool = False,
+):
+    """GUARD's guided prediction ``v_u + w_pos * v_pos - w_neg(i) * v_neg`` (GUARD_SPEC section 3).
+
+    Args:
+        eps_u, eps_pos, eps_neg: the unconditional, attenuated-prompt and plain-prompt predictions,
+            same shape (B, ...) and dtype; image b of each belongs together.
+        step_index, num_steps: position in the sampling loop (0-based), for the repulsion schedule.
+        config: a :class:`GuardConfig` with ``method="guard"``.
+        return_norms: also return :class:`GuidanceNorms` (device tensors; no host sync).
+
+    Returns ``eps_hat`` in the inputs' dtype, or ``(eps_hat, norms)``. With orthogonalisation the
+    arithmetic runs in float32; without it, in the inputs' dtype, so that with ``repulsion_scale``
+    0 it is bit-for-bit classifier-free guidance.
+    """
+    if not isinstance(config, GuardConfig):
+        raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+    if config.method != "guard":
+        raise ValueError(
+            f"guard_guidance needs a config with method='guard', got method={config.method!r};"
+            " use cfg_guidance (or combine_predictions) for 'attenuation' and 'cfg'"
+        )
+    _check_predictions(eps_u=eps_u, eps_pos=eps_pos, eps_neg=eps_neg)
+    w_neg = repulsion_weight(step_index, num_steps, config)
+    w_pos = config.guidance_scale
+    if config.orthogonalize:
+        base = eps_u.float()
+        v_neg = eps_neg.float() - base
+        v_pos, cosine = _orthogonalize(eps_pos.float() - base, v_neg, config)
+        eps_hat = (base + w_pos * v_pos - w_neg * v_neg).to(eps_u.dtype)
+    else:
+        v_pos = eps_pos - eps_u
+        v_neg = eps_neg - eps_u
+        eps_hat = eps_u + w_pos * v_pos - w_neg * v_neg
+        cosine = None
+    if not return_norms:
+        return eps_hat
+    if cosine is None:
+        pos32, neg32 = v_pos.flatten(1).float(), v_neg.flatten(1).float()
+        dot = (pos32 * neg32).sum(dim=1)
+        cosine = dot / (
+            torch.sqrt((pos32 * pos32).sum(dim=1) + ORTHO_EPS) * torch.sqrt((neg32 * neg32).sum(dim=1) + ORTHO_EPS)
+        )
+    norms = GuidanceNorms(
+        attraction=w_pos * _per_image_norm(v_pos),
+        repulsion=w_neg * _per_image_norm(v_neg),
+        cosine=cosine,
+    )
+    return eps_hat, norms
+
+
+def cfg_guidance(
+    eps_u: torch.Tensor,
+    eps_cond: torch.Tensor,
+    guidance_scale: float,
+    *,
+    return_norms: bool = False,
+):
+    """Classifier-free guidance ``eps_u + s * (eps_cond - eps_u)``, written as diffusers writes it.
+
+    For the "attenuation" method ``eps_cond`` is the attenuated conditional prediction.
+    """
+    _check_predictions(eps_u=eps_u, eps_cond=eps_cond)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a real number, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    delta = eps_cond - eps_u
+    eps_hat = eps_u + guidance_scale * delta
+    if not return_norms:
+        return eps_hat
+    attraction = guidance_scale * _per_image_norm(delta)
+    norms = GuidanceNorms(
+        attraction=attraction,
+        repulsion=torch.zeros_like(attraction),
+        cosine=torch.full_like(attraction, float("nan")),
+    )
+    return eps_hat, norms
+
+
+def transition_guidance(
+    eps_u: torch.Tensor,
+    eps_cond: torch.Tensor,
+    timestep,
+    config: GuardConfig,
+    *,
+    return_norms: bool = False,
+):
+    """Jain et al.'s static transition: scale ``early_guidance_scale`` while ``timestep`` is above
+    ``transition_timestep`` (inside the attraction basin), ``guidance_scale`` after.
+
+    The choice is a ``torch.where`` on the (possibly on-device) timestep, so no host sync.
+    """
+    if not isinstance(config, GuardConfig):
+        raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+    _check_predictions(eps_u=eps_u, eps_cond=eps_cond)
+    t = torch.as_tensor(timestep, device=eps_u.device)
+    if t.numel() != 1:
+        raise ValueError(f"timestep must be a scalar, got shape {tuple(t.shape)}")
+    early = torch.as_tensor(config.early_guidance_scale, dtype=eps_u.dtype, device=eps_u.device)
+    late = torch.as_tensor(config.guidance_scale, dtype=eps_u.dtype, device=eps_u.device)
+    scale = torch.where(t.reshape(()) > config.transition_timestep, early, late)
+    delta = eps_cond - eps_u
+    eps_hat = eps_u + scale * delta
+    if not return_norms:
+        return eps_hat
+    attraction = scale.float() * _per_image_norm(delta)
+    return eps_hat, GuidanceNorms(attraction, torch.zeros_like(attraction), torch.full_like(attraction, float("nan")))
+
+
+def combine_predictions(
+    noise_pred: torch.Tensor,
+    step_index: int,
+    num_steps: int,
+    config: GuardConfig,
+    *,
+    timestep=None,
+    return_norms: bool = False,
+):
+    """Split one UNet output into the method's row groups and guide.
+
+    ``noise_pred`` holds ``config.branches`` equal groups stacked on dim 0, in the order
+    unconditional, attenuated (or conditional), and for "guard" the plain-prompt group.
+    ``timestep`` (the scheduler's, a scalar) is needed by "jain" only.
+    """
+    if not isinstance(config, GuardConfig):
+        raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+    if not isinstance(noise_pred, torch.Tensor) or noise_pred.dim() < 1:
+        raise TypeError("noise_pred must be a tensor with a leading batch dim")
+    groups = config.branches
+    if noise_pred.shape[0] % groups:
+        raise ValueError(
+            f"noise_pred has {noise_pred.shape[0]} rows, not a multiple of the {groups} branches of"
+            f" method {config.method!r}"
+        )
+    if config.method == "guard":
+        eps_u, eps_pos, eps_neg = noise_pred.chunk(3)
+        return guard_guidance(eps_u, eps_pos, eps_neg, step_index, num_steps, config, return_norms=return_norms)
+    _step(step_index, num_steps)
+    eps_u, eps_cond = noise_pred.chunk(2)
+    if config.method == "jain":
+        if timestep is None:
+            raise ValueError("method 'jain' needs the scheduler's timestep: combine_predictions(..., timestep=t)")
+        return transition_guidance(eps_u, eps_cond, timestep, config, return_norms=return_norms)
+    return cfg_guidance(eps_u, eps_cond, config.guidance_scale, return_norms=return_norms)

@@ -1,0 +1,335 @@
+"""StableDiffusionGuardPipeline end to end on a tiny SD-shaped pipeline, against an eager GUARD."""
+
+import json
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from sampler_utils import (
+    PROMPTS,
+    eager_guard_latents,
+    eager_related_latents,
+    initial_latents,
+    relative_error,
+    stock_pipeline,
+    tiny_components,
+)
+
+from guard.attention import GuardCrossAttnProcessor
+from guard.config import GuardConfig
+from guard.pipeline import GuardPipelineOutput, StableDiffusionGuardPipeline
+from guard.report import PAD_LABEL, GuardReport
+
+STEPS = 3
+TOLERANCE = 1e-4  # relative error of float32 final latents
+
+
+def guard_pipeline(sd2=False, scheduler=None):
+    components = tiny_components(sd2)
+    if scheduler is not None:
+        components["scheduler"] = scheduler
+    pipe = StableDiffusionGuardPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, components
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return guard_pipeline()
+
+
+def run(pipe, config, prompts=PROMPTS, latents=None, **kwargs):
+    latents = initial_latents(len(prompts)) if latents is None else latents
+    return pipe(
+        list(prompts),
+        latents=latents,
+        num_inference_steps=kwargs.pop("num_inference_steps", STEPS),
+        output_type=kwargs.pop("output_type", "latent"),
+        guard_config=config,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("orthogonalize", [False, True], ids=["paper", "released"])
+def test_guard_matches_eager_reference(tiny, orthogonalize):
+    pipe, components = tiny
+    out = run(pipe, GuardConfig(orthogonalize=orthogonalize))
+    eager = eager_guard_latents(components, PROMPTS, initial_latents(2), STEPS, orthogonalize=orthogonalize)
+    assert relative_error(out.images, eager.latents) <= TOLERANCE
+    # The report's flag counts are the eager run's, token by token and layer by layer.
+    report = out.report
+    assert set(report.layer_names) == set(eager.flags)
+    for index, name in enumerate(report.layer_names):
+        assert torch.equal(report.flag_counts[:, index], eager.flags[name])
+    attraction = torch.tensor([step[0] for step in eager.norms])
+    repulsion = torch.tensor([step[1] for step in eager.norms])
+    torch.testing.assert_close(report.attraction_norms[:, :, 0], attraction, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(report.repulsion_norms[:, :, 0], repulsion, rtol=1e-3, atol=1e-5)
+
+
+def test_orthogonalisation_and_attenuation_change_the_result(tiny):
+    pipe, _ = tiny
+    paper = run(pipe, GuardConfig()).images
+    released = run(pipe, GuardConfig(orthogonalize=True)).images
+    cfg = run(pipe, "cfg").images
+    assert relative_error(released, paper) > 1e-2
+    assert relative_error(paper, cfg) > 1e-2
+
+
+def test_attenuation_variant_matches_eager_reference(tiny):
+    pipe, components = tiny
+    config = GuardConfig.preset("attenuation")
+    out = run(pipe, config)
+    eager = eager_guard_latents(components, PROMPTS, initial_latents(2), STEPS, method="attenuation", tau=0.01)
+    assert relative_error(out.images, eager.latents) <= TOLERANCE
+    assert relative_error(out.images, run(pipe, "cfg").images) > 1e-2
+
+
+def test_cfg_reproduces_stock_pipeline(tiny):
+    pipe, components = tiny
+    stock = StableDiffusionPipeline(**components)
+    stock.set_progress_bar_config(disable=True)
+    for output_type in ("latent", "np"):
+        expected = stock(
+            list(PROMPTS), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7),
+            output_type=output_type, guidance_scale=7.5,
+        ).images  # fmt: skip
+        got = pipe(
+            list(PROMPTS), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7),
+            output_type=output_type, guard_config="cfg",
+        ).images  # fmt: skip
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_guard_without_repulsion_or_attenuation_is_cfg(tiny):
+    pipe, _ = tiny
+    neutral = GuardConfig(repulsion_scale=0.0, spike_scale=1.0, orthogonalize=False)
+    assert relative_error(run(pipe, neutral).images, run(pipe, "cfg").images) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["guard", "attenuation", "cfg"])
+def test_one_unet_call_per_step_on_all_branches(tiny, method):
+    pipe, _ = tiny
+    batches = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        run(pipe, GuardConfig.preset(method), latents=initial_latents(4), num_images_per_prompt=2)
+    finally:
+        hook.remove()
+    branches = 3 if method == "guard" else 2
+    assert batches == [branches * 2 * 2] * STEPS
+    assert not any(isinstance(p, GuardCrossAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_batched_prompts_equal_prompts_one_by_one(tiny):
+    pipe, _ = tiny
+    latents = initial_latents(4, seed=3)
+    batched = run(pipe, GuardConfig(), latents=latents, num_images_per_prompt=2)
+    for p, prompt in enumerate(PROMPTS):
+        single = run(pipe, GuardConfig(), prompts=[prompt], latents=latents[2 * p : 2 * p + 2], num_images_per_prompt=2)
+        assert relative_error(batched.images[2 * p : 2 * p + 2], single.images) <= 1e-5
+        assert torch.equal(batched.report.flag_counts[p], single.report.flag_counts[0])
+        assert batched.report.flagged_tokens[p] == single.report.flagged_tokens[0]
+
+
+@pytest.mark.parametrize(
+    "scheduler_cls, options",
+    [
+        (DDIMScheduler, {}),
+        (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        (EulerDiscreteScheduler, {}),
+    ],
+    ids=["ddim", "dpmsolver++", "euler"],
+)
+def test_schedulers(scheduler_cls, options):
+    base = tiny_components()["scheduler"]
+    pipe, components = guard_pipeline(scheduler=scheduler_cls.from_config(base.config, **options))
+    out = run(pipe, GuardConfig(), num_inference_steps=4)
+    eager = eager_guard_latents(components, PROMPTS, initial_latents(2), 4)
+    assert relative_error(out.images, eager.latents) <= TOLERANCE
+
+
+def test_sd2_layout_with_v_prediction():
+    pipe, components = guard_pipeline(sd2=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    heads = {name.split(".")[0] + name.split(".")[1]: m.heads for name, m in pipe.unet.named_modules()
+             if name.endswith("attn2") and name.startswith("down_blocks")}  # fmt: skip
+    assert heads == {"down_blocks0": 2, "down_blocks1": 4, "down_blocks2": 4}
+    for orthogonalize in (False, True):
+        out = run(pipe, GuardConfig(orthogonalize=orthogonalize))
+        eager = eager_guard_latents(components, PROMPTS, initial_latents(2), STEPS, orthogonalize=orthogonalize)
+        assert relative_error(out.images, eager.latents) <= TOLERANCE
+
+
+def test_report_contents(tiny):
+    pipe, _ = tiny
+    out = run(pipe, GuardConfig(), latents=initial_latents(4), num_images_per_prompt=2)
+    report = out.report
+    assert isinstance(out, GuardPipelineOutput) and isinstance(report, GuardReport)
+    assert report.prompts == list(PROMPTS) and report.num_steps == STEPS and report.images_per_prompt == 2
+    assert len(report.layer_names) == 4 and report.layer_heads == (2, 2, 2, 2)
+    assert report.flag_counts.shape == (2, 4, 77) and report.flag_counts.dtype == torch.int64
+    assert int(report.flag_counts.max()) <= STEPS * 2 * 2
+    assert report.flag_counts[:, :, 0].sum() == 0  # BOS is never a spike
+    tokenizer = pipe.tokenizer
+    for p, prompt in enumerate(PROMPTS):
+        flagged = report.flagged_tokens[p]
+        assert flagged and all(isinstance(k, str) and isinstance(v, int) and v > 0 for k, v in flagged.items())
+        words = {tokenizer.decode([i]).strip() for i in tokenizer(prompt).input_ids}
+        assert set(flagged) <= words | {PAD_LABEL}
+        assert sum(flagged.values()) == int(report.flag_counts[p].sum())
+        for token, layers in report.flagged_layers[p].items():
+            assert set(layers) <= set(report.layer_names) and sum(layers.values()) == flagged[token]
+    for name in ("attraction", "repulsion", "cosine"):
+        assert report.guidance_norms[name].shape == (STEPS, 2, 2)
+    assert report.repulsion_weights == pytest.approx([2.0, 2.0 * np.cos(np.pi / 6), 2.0 * np.cos(np.pi / 3)])
+    text = str(report)
+    assert text == report.summary() and "prompt 0: 'a red circle on a blue background'" in text
+    first_token = next(iter(report.flagged_tokens[0]))
+    assert repr(first_token) in text
+    as_dict = json.loads(json.dumps(report.to_dict()))
+    assert as_dict["flagged_tokens"] == report.flagged_tokens and len(as_dict["guidance_norms"]["attraction"]) == STEPS
+
+
+def test_cfg_report_has_no_attenuation(tiny):
+    pipe, _ = tiny
+    report = run(pipe, "cfg").report
+    assert report.layer_names == () and report.flagged_tokens == [{}, {}]
+    assert "no spike attenuation" in report.summary()
+    assert torch.all(report.repulsion_norms == 0)
+
+
+def test_prompt_embeds_and_negative_prompt(tiny):
+    pipe, _ = tiny
+    by_text = run(pipe, GuardConfig())
+    embeds, negative = pipe.encode_prompt(list(PROMPTS), "cpu", 1, True)
+    by_embeds = pipe(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, latents=initial_latents(2),
+        num_inference_steps=STEPS, output_type="latent",
+    )  # fmt: skip
+    assert relative_error(by_embeds.images, by_text.images) <= 1e-6
+    assert by_embeds.report.token_labels[0][3] == "<position 3>"
+    assert run(pipe, GuardConfig(), negative_prompt=["", ""]).images.equal(by_text.images)
+    assert relative_error(run(pipe, GuardConfig(), negative_prompt=["black", "black"]).images, by_text.images) > 1e-3
+
+
+def test_callback_and_interrupt(tiny):
+    pipe, _ = tiny
+    seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        seen.append((step, tuple(tensors["latents"].shape), tensors["prompt_embeds"].shape[0]))
+        if step == 1:
+            pipeline._interrupt = True
+        return {}
+
+    out = run(pipe, GuardConfig(), callback_on_step_end=callback,
+              callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])  # fmt: skip
+    assert seen == [(0, (2, 4, 8, 8), 6), (1, (2, 4, 8, 8), 6)]
+    assert out.report.num_steps == 2
+
+    def zero_latents(pipeline, step, timestep, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == STEPS - 1 else {}
+
+    assert torch.all(run(pipe, GuardConfig(), callback_on_step_end=zero_latents).images == 0)
+
+
+def test_output_types(tiny):
+    pipe, _ = tiny
+    images = run(pipe, GuardConfig(), output_type="pil").images
+    assert len(images) == 2 and isinstance(images[0], PIL.Image.Image) and images[0].size == (16, 16)
+    array = run(pipe, GuardConfig(), output_type="np").images
+    assert array.shape == (2, 16, 16, 3)
+    images, nsfw, report = run(pipe, GuardConfig(), output_type="pt", return_dict=False)
+    assert images.shape == (2, 3, 16, 16) and nsfw is None and isinstance(report, GuardReport)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"guard_config": {"method": "guard"}}, TypeError, "guard_config must be a GuardConfig"),
+        ({"guard_config": "strong"}, ValueError, "unknown GuardConfig preset"),
+        ({"guard_config": GuardConfig(blocks=("down_blocks.3",))}, ValueError, "'down_blocks.3' matches no"),
+        ({"guidance_scale": -2.0}, ValueError, "guidance_scale must be >= 0"),
+        ({"num_images_per_prompt": 0}, ValueError, "num_images_per_prompt must be a positive integer"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be a positive integer"),
+        ({"output_type": "jpeg"}, ValueError, "output_type must be one of"),
+        ({"negative_prompt": ["a", "b", "c"]}, ValueError, "negative_prompt"),
+        ({"attention_backend": "cuda"}, ValueError, "backend must be one of"),
+        ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, ValueError, "callback_on_step_end_tensor_inputs"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, message):
+    pipe, _ = tiny
+    with pytest.raises(error, match=message):
+        run(pipe, kwargs.pop("guard_config", None), **kwargs)
+    assert not any(isinstance(p, GuardCrossAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_save_and_load(tmp_path):
+    stock = stock_pipeline()
+    stock.save_pretrained(tmp_path / "stock")
+    loaded = StableDiffusionGuardPipeline.from_pretrained(tmp_path / "stock")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, StableDiffusionGuardPipeline)
+    in_memory = StableDiffusionGuardPipeline.from_pipe(stock)
+    in_memory.set_progress_bar_config(disable=True)
+    expected = run(in_memory, GuardConfig()).images
+    assert relative_error(run(loaded, GuardConfig()).images, expected) <= 1e-6
+    # from_pipe shares the modules; the stock pipeline's processors are untouched afterwards.
+    assert in_memory.unet is stock.unet
+    assert not any(isinstance(p, GuardCrossAttnProcessor) for p in stock.unet.attn_processors.values())
+    loaded.save_pretrained(tmp_path / "guard")
+    reloaded = StableDiffusionGuardPipeline.from_pretrained(tmp_path / "guard")
+    reloaded.set_progress_bar_config(disable=True)
+    assert relative_error(run(reloaded, GuardConfig()).images, expected) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Related methods (GUARD_SPEC section 6) against straightforward implementations
+
+
+@pytest.mark.parametrize(
+    "preset, kwargs",
+    [
+        ("ren", {}),
+        ("jain", {"early_scale": 1.0}),
+        ("jain-opposite", {"early_scale": -2.0}),
+        ("somepalli", {"seed": 11}),
+    ],
+)
+def test_related_methods_match_eager_references(tiny, preset, kwargs):
+    pipe, components = tiny
+    config = GuardConfig.preset(preset)
+    generator = torch.Generator().manual_seed(kwargs.get("seed", 0))
+    out = run(pipe, config, num_inference_steps=4, generator=generator)
+    eager = eager_related_latents(components, PROMPTS, initial_latents(2), 4, config.method, **kwargs)
+    assert relative_error(out.images, eager) <= TOLERANCE
+    assert relative_error(out.images, run(pipe, "cfg", num_inference_steps=4).images) > 1e-3
+    assert out.report.layer_names == () and out.report.flagged_tokens == [{}, {}]
+
+
+def test_jain_switches_at_the_transition_timestep(tiny):
+    pipe, _ = tiny
+    # Every DDIM timestep of 4 steps (1..751) is below 1000: a transition at 1000 is plain CFG.
+    late = run(pipe, GuardConfig(method="jain", transition_timestep=1000.0), num_inference_steps=4).images
+    assert relative_error(late, run(pipe, "cfg", num_inference_steps=4).images) <= 1e-6
+
+
+def test_ren_needs_prompt_text(tiny):
+    pipe, _ = tiny
+    embeds, negative = pipe.encode_prompt(list(PROMPTS), "cpu", 1, True)
+    with pytest.raises(ValueError, match="method 'ren' needs the prompt text"):
+        pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, guard_config="ren")
+
+
+def test_triton_backend_gives_the_same_run(tiny):
+    """The fused Triton kernel (the CPU interpreter here, conftest sets TRITON_INTERPRET) in the pipeline."""
+    pytest.importorskip("triton")
+    pipe, _ = tiny
+    prompt = [PROMPTS[0]]
+    torch_run = run(pipe, GuardConfig(), prompts=prompt, num_inference_steps=2, attention_backend="torch")
+    triton_run = run(pipe, GuardConfig(), prompts=prompt, num_inference_steps=2, attention_backend="triton")
+    assert relative_error(triton_run.images, torch_run.images) <= TOLERANCE
+    assert torch.equal(triton_run.report.flag_counts, torch_run.report.flag_counts)
