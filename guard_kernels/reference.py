@@ -81,7 +81,8 @@ def torch_cross_attention(
             chunk_logits = chunk_logits * multiplier.unsqueeze(2)
         if token_bias is not None:
             chunk_logits = chunk_logits + token_bias.unsqueeze(2)
-        probs = _masked_softmax(chunk_logits)
+        # Only a -inf bias can mask a whole row; without one the library softmax is exact and faster.
+        probs = torch.softmax(chunk_logits, dim=-1) if token_bias is None else _masked_softmax(chunk_logits)
         if mass is not None:
             mass += probs.sum(dim=2)
         out[:, start:stop] = torch.matmul(probs, values).permute(0, 2, 1, 3).to(q.dtype)
