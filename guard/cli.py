@@ -1,0 +1,184 @@
+"""The ``guard`` command: generate with GUARD, or run the offline memorization demo."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+#: "org/name" with no path separators beyond the one slash: what a Hugging Face hub id looks like.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def is_testbed_folder(path: Path) -> bool:
+    """A folder written by ``guard.testbed.train`` (pixel-space VAE, its own sampling settings)."""
+    return (path / "memorized.json").is_file()
+
+
+def load_guard_pipeline(model: Optional[str], device: str = "cpu", dtype=None):
+    """The shipped testbed (``model=None``), a local diffusers folder, or a hub id, as a GUARD pipeline."""
+    import torch
+
+    from .pipeline import StableDiffusionGuardPipeline
+
+    dtype = dtype or torch.float32
+    path = None if model is None else Path(model).expanduser()
+    if path is None or (path.is_dir() and is_testbed_folder(path)):
+        from .testbed import load_pipeline
+
+        return load_pipeline(device=device, dtype=dtype, path=path, pipeline_class=StableDiffusionGuardPipeline)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"{path} is not a diffusers pipeline folder (no model_index.json in it)")
+        return StableDiffusionGuardPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    if not _HUB_ID.match(model):
+        raise CLIError(f"no model folder at {path} (and {model!r} is not a hub id like 'org/name')")
+    try:
+        return StableDiffusionGuardPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"could not load {model!r} from the hub or its cache: {error}") from error
+
+
+def _guard_config(args, is_testbed: bool):
+    from .config import GuardConfig
+
+    if is_testbed and args.method == "guard":
+        from .testbed import default_guard_config
+
+        try:
+            config = default_guard_config(args.model)
+        except FileNotFoundError:
+            if args.model is None:
+                raise  # the shipped testbed always carries its setting
+            config = GuardConfig.preset("guard")
+    else:
+        config = GuardConfig.preset(args.method)
+    overrides = {
+        "guidance_scale": args.guidance_scale,
+        "repulsion_scale": args.repulsion_scale,
+        "spike_threshold": args.spike_threshold,
+        "spike_scale": args.spike_scale,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return config.replace(**overrides)
+    except (TypeError, ValueError) as error:
+        raise CLIError(str(error)) from error
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .visualize import image_grid
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out must name a .png file, got {out}")
+    is_testbed = args.model is None or is_testbed_folder(Path(args.model).expanduser())
+    config = _guard_config(args, is_testbed=is_testbed)  # bad numbers fail before any loading
+    pipe = load_guard_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(desc=f"{config.method} ({args.steps} steps)")
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    result = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        num_images_per_prompt=args.images,
+        generator=generator,
+        guard_config=config,
+        output_type="pil",
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([result.images], cell=256 if is_testbed else 512).save(out)
+    print(result.report.summary())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    if args.model is not None and not is_testbed_folder(Path(args.model).expanduser()):
+        raise CLIError(f"--model must be a testbed folder written by guard.testbed.train, got {args.model}")
+    run_demo(out=Path(args.out), seeds=args.seeds, steps=args.steps, device=args.device, model=args.model)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="guard", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate images for a prompt and report the attenuated tokens")
+    gen.add_argument("prompt")
+    gen.add_argument("--method", default="guard", choices=sorted(PRESETS), help="guidance method / preset")
+    gen.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the shipped testbed)")
+    gen.add_argument("--steps", type=_positive_int, default=30)
+    gen.add_argument("--seed", type=_non_negative_int, default=0)
+    gen.add_argument("--images", type=_positive_int, default=4)
+    gen.add_argument("--out", default="guard.png", help="PNG file to write")
+    gen.add_argument("--guidance-scale", type=_finite_float, default=None)
+    gen.add_argument("--repulsion-scale", type=_finite_float, default=None)
+    gen.add_argument("--spike-threshold", type=_finite_float, default=None)
+    gen.add_argument("--spike-scale", type=_finite_float, default=None)
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(run=cmd_generate)
+
+    demo = commands.add_parser("demo", help="memorized and plain prompts under CFG and GUARD, side by side")
+    demo.add_argument("--out", default="guard_demo.png", help="PNG grid to write")
+    demo.add_argument("--seeds", type=_positive_int, default=4)
+    demo.add_argument("--steps", type=_positive_int, default=25)
+    demo.add_argument("--model", default=None, help="a testbed folder (default: the shipped testbed)")
+    demo.add_argument("--device", default="cpu")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CLIError as error:
+        print(f"guard: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

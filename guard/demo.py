@@ -1,0 +1,124 @@
+"""``guard demo``: memorization and its mitigation on the shipped testbed, in about a minute on a CPU.
+
+Every memorized caption and a few plain (trigger-free) captions are sampled under classifier-free
+guidance and under GUARD from the same initial noise; the picture puts each prompt's training
+image beside both, and the table gives replication (SSIM to the prompt's own training image and
+to the nearest one, share of copies) and alignment read off the pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+import numpy as np
+
+#: Plain prompts shown beside the memorized ones: enough to see GUARD leave them alone.
+DEMO_PLAIN_PROMPTS = 3
+
+
+def _mean(values) -> float:
+    return float(np.mean(np.asarray(values, dtype=np.float64)))
+
+
+def _format_table(rows: list[dict]) -> str:
+    header = ("prompt set", "method", "own SSIM", "nearest SSIM", "copies", "aligned", "bg / colour / shape")
+    lines = [" | ".join(header), " | ".join("-" * len(h) for h in header)]
+    for row in rows:
+        lines.append(" | ".join(str(row[key]) for key in ("set", "method", "own", "nearest", "copies", "aligned", "parts")))
+    return "\n".join(lines)
+
+
+def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", model: Optional[str] = None,
+             config=None) -> dict:
+    """Sample, score, draw and print; returns the scores (used by the tests).
+
+    ``model``: a testbed folder (default: the shipped one); ``config``: the GUARD setting (default:
+    the folder's recorded setting, else the published one).
+    """
+    from .cli import load_guard_pipeline
+    from .config import GuardConfig
+    from .testbed import default_guard_config, memorized_items, plain_prompts
+    from .report import PAD_LABEL
+    from .testbed.evaluate import COPY_THRESHOLD, alignment_rates, flagged_shares, sample_images, score_samples
+    from .visualize import image_grid
+
+    pipe = load_guard_pipeline(model, device=device)
+    if config is None:
+        try:
+            config = default_guard_config(model)
+        except FileNotFoundError:
+            if model is None:
+                raise
+            config = GuardConfig.preset("guard")
+    guard_config = config
+    cfg_config = GuardConfig(method="cfg", guidance_scale=guard_config.guidance_scale)
+    items = memorized_items(model)
+    plain = plain_prompts(DEMO_PLAIN_PROMPTS)
+    training = np.stack([item.image for item in items])
+    seed_list = list(range(seeds))
+    prompts = [item.caption for item in items] + plain
+
+    samples, reports = {}, {}
+    for name, method_config in (("CFG", cfg_config), ("GUARD", guard_config)):
+        pipe.set_progress_bar_config(desc=f"{name:5s} {len(prompts)} prompts x {seeds} seeds")
+        samples[name], reports[name] = sample_images(pipe, prompts, method_config, seed_list, steps)
+
+    rows, scores = [], {}
+    for name in samples:
+        memorized = [score_samples(samples[name][i], item, training, COPY_THRESHOLD) for i, item in enumerate(items)]
+        plain_checks = [alignment_rates(samples[name][len(items) + i], p) for i, p in enumerate(plain)]
+        scores[name] = {"memorized": memorized, "plain": plain_checks}
+        mem_align = [m["alignment"] for m in memorized]
+        rows.append({
+            "set": "memorized", "method": name,
+            "own": f"{_mean([m['own_ssim'] for m in memorized]):.2f}",
+            "nearest": f"{_mean([m['nearest_ssim'] for m in memorized]):.2f}",
+            "copies": f"{100 * _mean([m['copied'] for m in memorized]):.0f}%",
+            "aligned": f"{100 * _mean([a['all_ok'] for a in mem_align]):.0f}%",
+            "parts": " / ".join(f"{100 * _mean([a[k] for a in mem_align]):.0f}%"
+                                for k in ("background_ok", "colour_ok", "shape_ok")),
+        })
+        rows.append({
+            "set": "plain", "method": name, "own": "-", "nearest": "-", "copies": "-",
+            "aligned": f"{100 * _mean([a['all_ok'] for a in plain_checks]):.0f}%",
+            "parts": " / ".join(f"{100 * _mean([a[k] for a in plain_checks]):.0f}%"
+                                for k in ("background_ok", "colour_ok", "shape_ok")),
+        })
+
+    grid_rows, labels, captions = [], [], []
+    for i, prompt in enumerate(prompts):
+        reference = items[i].image if i < len(items) else np.ones_like(training[0])
+        row, caption = [reference], ["training image" if i < len(items) else "(plain prompt)"]
+        for name in samples:
+            for s in seed_list:
+                row.append(samples[name][i, s])
+                if i < len(items):
+                    own = scores[name]["memorized"][i]["own_ssim"][s]
+                    caption.append(f"{name} SSIM {own:.2f}")
+                else:
+                    ok = scores[name]["plain"][i - len(items)]["per_image"][s]["all_ok"]
+                    caption.append(f"{name} {'aligned' if ok else 'off'}")
+        grid_rows.append(row)
+        captions.append(caption)
+        labels.append(prompt)
+    columns = ["training"] + [f"{name} seed {s}" for name in samples for s in seed_list]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(grid_rows, cell=96, row_labels=labels, column_labels=columns, captions=captions,
+               label_width=150).save(out)
+
+    print(f"GUARD setting: s={guard_config.guidance_scale} r={guard_config.repulsion_scale} "
+          f"({guard_config.repulsion_schedule}) tau={guard_config.spike_threshold} alpha={guard_config.spike_scale}"
+          f"{' orthogonalised' if guard_config.orthogonalize else ''}; CFG at s={cfg_config.guidance_scale}")
+    print(f"copy = own-image SSIM > {COPY_THRESHOLD}; {seeds} seeds, {steps} DDIM steps\n")
+    print(_format_table(rows))
+    print("\nShare of spike checks (layers x heads x steps x seeds) that attenuated each word under GUARD:")
+    report = reports["GUARD"]
+    for i, prompt in enumerate(prompts):
+        shares = flagged_shares(report, i)
+        words = sorted(((t, v) for t, v in shares.items() if t != PAD_LABEL), key=lambda kv: -kv[1])[:4]
+        listed = ", ".join(f"{token} {100 * share:.0f}%" for token, share in words)
+        print(f"  {prompt!r}: {listed}; {PAD_LABEL} {100 * shares.get(PAD_LABEL, 0.0):.0f}%")
+    print(f"\nwrote {out}")
+    return {"scores": scores, "rows": rows, "out": out}
+
