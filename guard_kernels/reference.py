@@ -56,8 +56,14 @@ def torch_cross_attention(
     chunk = max(1, min(num_queries, chunk_elements // max(1, batch * heads * num_keys)))
     bounds = [(start, min(start + chunk, num_queries)) for start in range(0, num_queries, chunk)]
 
-    def logits(start: int, stop: int) -> torch.Tensor:
+    def compute_logits(start: int, stop: int) -> torch.Tensor:
         return torch.matmul(queries[:, :, start:stop].to(acc), keys) * scale  # (B, H, n, Nk)
+
+    # When every query fits in one chunk, both sweeps share one logits tensor.
+    single = compute_logits(0, num_queries) if len(bounds) == 1 else None
+
+    def logits(start: int, stop: int) -> torch.Tensor:
+        return single if single is not None else compute_logits(start, stop)
 
     peaks = None
     multiplier = token_scale
