@@ -20,6 +20,7 @@ import torch
 from diffusers.models import attention_processor as diffusers_processors
 
 from guard_kernels import cross_attention
+from guard_kernels.api import BACKENDS
 
 from .config import GuardConfig
 
@@ -196,6 +197,15 @@ class GuardCrossAttnProcessor:
         self.session = session
         self.original = original
 
+    def _defers_to_original(self, hidden_states: torch.Tensor) -> bool:
+        """Plain attention that would take the PyTorch path anyway: the replaced processor (SDPA)
+        computes the same thing faster on the CPU."""
+        session = self.session
+        plain = (not self.attenuate or session.spike_rows is None) and session.token_scale is None
+        plain = plain and session.token_bias is None
+        torch_path = session.backend == "torch" or (session.backend == "auto" and not hidden_states.is_cuda)
+        return plain and torch_path
+
     def _mask_bias(self, attn, attention_mask, batch: int, num_keys: int) -> Optional[torch.Tensor]:
         if attention_mask is None:
             return None
@@ -221,10 +231,10 @@ class GuardCrossAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        if encoder_hidden_states is None:
+        if encoder_hidden_states is None or self._defers_to_original(hidden_states):
             if temb is not None:
                 kwargs["temb"] = temb
-            return self.original(attn, hidden_states, None, attention_mask, *args, **kwargs)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -330,8 +340,8 @@ def attenuate_cross_attention(
     """
     if not isinstance(config, GuardConfig):
         raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be one of ('auto', 'triton', 'torch'), got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     layers = cross_attention_layers(unet)
     if not layers:
         raise ValueError(f"{type(unet).__name__} has no cross-attention (attn2) Attention modules to attenuate")

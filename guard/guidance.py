@@ -95,15 +95,20 @@ def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.flatten(1).float(), dim=1)
 
 
-def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig):
-    """Remove the repulsion direction from ``v_pos`` per image when the two nearly align (float32)."""
-    pos = v_pos.flatten(1)
-    neg = v_neg.flatten(1)
+def _alignment(v_pos: torch.Tensor, v_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, in float32: the coefficient of ``v_pos`` projected on ``v_neg``, and their cosine
+    (both with the released code's epsilon)."""
+    pos = v_pos.flatten(1).float()
+    neg = v_neg.flatten(1).float()
     dot = (pos * neg).sum(dim=1)
     pos_sq = (pos * pos).sum(dim=1)
     neg_sq = (neg * neg).sum(dim=1)
-    coef = dot / (neg_sq + ORTHO_EPS)
-    cosine = dot / (torch.sqrt(pos_sq + ORTHO_EPS) * torch.sqrt(neg_sq + ORTHO_EPS))
+    return dot / (neg_sq + ORTHO_EPS), dot / (torch.sqrt(pos_sq + ORTHO_EPS) * torch.sqrt(neg_sq + ORTHO_EPS))
+
+
+def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig):
+    """Remove the repulsion direction from ``v_pos`` per image when the two nearly align (float32)."""
+    coef, cosine = _alignment(v_pos, v_neg)
     clip = config.ortho_coef_clip
     shift = torch.where(cosine > config.ortho_cos_threshold, coef.clamp(-clip, clip), torch.zeros_like(coef))
     shape = (-1,) + (1,) * (v_pos.dim() - 1)
@@ -156,11 +161,7 @@ def guard_guidance(
     if not return_norms:
         return eps_hat
     if cosine is None:
-        pos32, neg32 = v_pos.flatten(1).float(), v_neg.flatten(1).float()
-        dot = (pos32 * neg32).sum(dim=1)
-        cosine = dot / (
-            torch.sqrt((pos32 * pos32).sum(dim=1) + ORTHO_EPS) * torch.sqrt((neg32 * neg32).sum(dim=1) + ORTHO_EPS)
-        )
+        cosine = _alignment(v_pos, v_neg)[1]
     norms = GuidanceNorms(
         attraction=w_pos * _per_image_norm(v_pos),
         repulsion=w_neg * _per_image_norm(v_neg),

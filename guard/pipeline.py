@@ -165,10 +165,10 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        if not height or not width:
-            sample_size = self.unet.config.sample_size
-            size_h, size_w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size[:2]
-            height, width = size_h * self.vae_scale_factor, size_w * self.vae_scale_factor
+        sample_size = self.unet.config.sample_size
+        size_h, size_w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size[:2]
+        height = height or size_h * self.vae_scale_factor
+        width = width or size_w * self.vae_scale_factor
         self.check_inputs(
             prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
             None, None, callback_on_step_end_tensor_inputs,
@@ -213,7 +213,11 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
         prompt_embeds = torch.cat([negative_prompt_embeds] + [prompt_embeds] * (branches - 1))
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = total_steps = len(timesteps)
+        self._num_timesteps = len(timesteps)
+        # GUARD_SPEC's schedule runs over inference steps; second-order schedulers (Heun, KDPM2) make
+        # `order` UNet calls per step, and each call of a step uses that step's weight.
+        order = self.scheduler.order
+        total_steps = num_inference_steps
 
         if config.attenuates:
             spike_rows = torch.zeros(branches * rows, dtype=torch.bool, device=device)
@@ -245,7 +249,7 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
                     return_dict=False,
                 )[0]
                 noise_pred, norms = combine_predictions(
-                    noise_pred, i, total_steps, config, timestep=t, return_norms=True
+                    noise_pred, min(i // order, total_steps - 1), total_steps, config, timestep=t, return_norms=True
                 )
                 norm_history.append(torch.stack(tuple(norms)))  # (3, rows), stays on the device
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -265,7 +269,7 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
                     progress_bar.update()
 
         report = self._build_report(
-            config, prompt, batch_size, num_images_per_prompt, num_keys, session, norm_history, total_steps,
+            config, prompt, batch_size, num_images_per_prompt, num_keys, session, norm_history, total_steps, order,
         )  # fmt: skip
 
         if output_type != "latent":
@@ -282,7 +286,7 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
         return GuardPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, report=report)
 
     def _build_report(
-        self, config, prompt, batch_size, images_per_prompt, num_keys, session, norm_history, total_steps
+        self, config, prompt, batch_size, images_per_prompt, num_keys, session, norm_history, total_steps, order
     ) -> GuardReport:
         """Move the loop's device-side records to the host (the run's only transfer of them)."""
         prompts, labels = self._prompt_token_labels(prompt, batch_size, num_keys)
@@ -313,7 +317,8 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
             images_per_prompt=images_per_prompt,
             num_steps=steps_run,
             repulsion_weights=[
-                repulsion_weight(i, total_steps, config) if config.method == "guard" else 0.0 for i in range(steps_run)
+                repulsion_weight(min(i // order, total_steps - 1), total_steps, config) if config.method == "guard" else 0.0
+                for i in range(steps_run)
             ],
             attraction_norms=norms[:, 0],
             repulsion_norms=norms[:, 1],

@@ -6,15 +6,12 @@ from typing import Optional
 
 import torch
 
-from .reference import torch_cross_attention
+from .limits import MAX_HEAD_DIM, MAX_KEYS
+from .reference import compute_dtype, torch_cross_attention
 
 BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
-#: Largest head dim the fused kernel tiles (one power-of-two tile of D per program).
-TRITON_MAX_HEAD_DIM = 256
-#: Largest key count the fused kernel holds in one tile (Nk is the text length: 77, 154, 231).
-TRITON_MAX_KEYS = 256
 
 
 def _interpreting() -> bool:
@@ -107,7 +104,7 @@ def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     head_dim = q.shape[-1]
-    fits = head_dim <= TRITON_MAX_HEAD_DIM and num_keys <= TRITON_MAX_KEYS
+    fits = head_dim <= MAX_HEAD_DIM and num_keys <= MAX_KEYS
     if backend == "auto":
         usable = q.is_cuda and q.dtype in TRITON_DTYPES and fits and triton_available()
         return "triton" if usable else "torch"
@@ -123,7 +120,7 @@ def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
             raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
         if not fits:
             raise ValueError(
-                f"the Triton kernel supports D <= {TRITON_MAX_HEAD_DIM} and Nk <= {TRITON_MAX_KEYS}, got D={head_dim},"
+                f"the Triton kernel supports D <= {MAX_HEAD_DIM} and Nk <= {MAX_KEYS}, got D={head_dim},"
                 f" Nk={num_keys}; use backend='torch'"
             )
     return backend
@@ -169,7 +166,7 @@ def cross_attention(
     spike_scale = _finite("spike_scale", spike_scale)
     spike_rows = _spike_rows(spike_rows, batch, q.device)
     backend = _resolve_backend(backend, q, num_keys)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(q.dtype)
     token_scale = _token_tensor("token_scale", token_scale, batch, heads, num_keys, q.device, acc)
     token_bias = _token_tensor("token_bias", token_bias, batch, heads, num_keys, q.device, acc)
 

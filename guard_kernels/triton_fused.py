@@ -39,12 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import MAX_HEAD_DIM, MAX_KEYS
 from .stats import SPIKE_STD_EPS, AttentionStats
 
-#: Largest key count held in one tile; larger text lengths belong to the PyTorch path.
-MAX_KEYS = 256
-#: Largest head dim held in one tile.
-MAX_HEAD_DIM = 256
 #: tl.dot rejects tile dimensions under 16 on a GPU (the interpreter would silently accept them).
 MIN_BLOCK = 16
 

@@ -79,7 +79,8 @@ def test_torch_path_matches_float64_reference(batch, nq, nk, heads, dim, dtype):
     assert out.dtype == dtype and out.shape == (batch, nq, heads, dim) and out.is_contiguous()
     torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=tol)
     torch.testing.assert_close(stats.max_logit.double(), ref_max, rtol=1e-5, atol=tol)
-    torch.testing.assert_close(stats.mass.double(), ref_mass, rtol=1e-5, atol=tol * nq)
+    mass_error = (stats.mass.double() - ref_mass).abs().max() / ref_mass.abs().max()
+    assert mass_error <= (1e-12 if dtype == torch.float64 else 1e-5), mass_error
     assert torch.equal(stats.spikes, ref_spikes)
     assert stats.max_logit.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     if nk > 3:
@@ -107,7 +108,7 @@ def test_token_scale_and_bias_masking_including_a_fully_masked_row():
     assert torch.equal(stats.spikes, ref_spikes)
 
 
-def test_strided_views_of_projection_outputs_need_no_copy():
+def test_strided_views_of_projection_outputs():
     batch, n, heads, dim, nk = 2, 40, 3, 40, 77
     qkv = torch.randn(batch, n, 3 * heads * dim, dtype=torch.float64)
     q = qkv[..., : heads * dim].view(batch, n, heads, dim)

@@ -117,12 +117,13 @@ def test_attenuation_reaches_only_positive_rows_and_chosen_layers(unet, monkeypa
     finally:
         for hook in hooks:
             hook.remove()
-    assert sorted(name for name, _ in calls) == sorted(layers)
+    # On the CPU, layers outside the chosen blocks keep the replaced processor (plain SDPA): only
+    # the chosen layers reach the kernel, each with exactly the positive rows.
+    chosen = sorted(name for name in layers if name.startswith(CHOSEN))
+    assert chosen and len(chosen) < len(layers)
+    assert sorted(name for name, _ in calls) == chosen
     for name, spike_rows in calls:
-        if name.startswith(CHOSEN):
-            assert spike_rows is not None and torch.equal(spike_rows, rows), name
-        else:
-            assert spike_rows is None, name
+        assert spike_rows is not None and torch.equal(spike_rows, rows), name
 
 
 @torch.no_grad()
