@@ -76,18 +76,24 @@ def load_guard_pipeline(model: Optional[str], device: str = "cpu", dtype=None):
         raise CLIError(f"could not load {model!r} from the hub or its cache: {error}") from error
 
 
+def testbed_guard_config(model: Optional[str]):
+    """The GUARD setting recorded with a testbed folder (the shipped one for None), else the published one."""
+    from .config import GuardConfig
+    from .testbed import default_guard_config
+
+    try:
+        return default_guard_config(model)
+    except FileNotFoundError:
+        if model is None:
+            raise  # the shipped testbed always carries its setting
+        return GuardConfig.preset("guard")
+
+
 def _guard_config(args, is_testbed: bool):
     from .config import GuardConfig
 
     if is_testbed and args.method == "guard":
-        from .testbed import default_guard_config
-
-        try:
-            config = default_guard_config(args.model)
-        except FileNotFoundError:
-            if args.model is None:
-                raise  # the shipped testbed always carries its setting
-            config = GuardConfig.preset("guard")
+        config = testbed_guard_config(args.model)
     else:
         config = GuardConfig.preset(args.method)
     overrides = {

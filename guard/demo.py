@@ -35,22 +35,15 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
     ``model``: a testbed folder (default: the shipped one); ``config``: the GUARD setting (default:
     the folder's recorded setting, else the published one).
     """
-    from .cli import load_guard_pipeline
+    from .cli import load_guard_pipeline, testbed_guard_config
     from .config import GuardConfig
-    from .testbed import default_guard_config, memorized_items, plain_prompts
+    from .testbed import memorized_items, plain_prompts
     from .report import PAD_LABEL
     from .testbed.evaluate import COPY_THRESHOLD, alignment_rates, flagged_shares, sample_images, score_samples
     from .visualize import image_grid
 
     pipe = load_guard_pipeline(model, device=device)
-    if config is None:
-        try:
-            config = default_guard_config(model)
-        except FileNotFoundError:
-            if model is None:
-                raise
-            config = GuardConfig.preset("guard")
-    guard_config = config
+    guard_config = config if config is not None else testbed_guard_config(model)
     cfg_config = GuardConfig(method="cfg", guidance_scale=guard_config.guidance_scale)
     items = memorized_items(model)
     plain = plain_prompts(DEMO_PLAIN_PROMPTS)
