@@ -39,7 +39,9 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
     from .config import GuardConfig
     from .testbed import memorized_items, plain_prompts
     from .report import PAD_LABEL
-    from .testbed.evaluate import COPY_THRESHOLD, alignment_rates, flagged_shares, sample_images, score_samples
+    from .testbed.defaults import copy_threshold
+    from .testbed.evaluate import (alignment_rates, choose_copy_threshold, flagged_shares, sample_images,
+                                   score_samples)
     from .visualize import image_grid
 
     pipe = load_guard_pipeline(model, device=device)
@@ -48,6 +50,10 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
     items = memorized_items(model)
     plain = plain_prompts(DEMO_PLAIN_PROMPTS)
     training = np.stack([item.image for item in items])
+    try:
+        threshold = copy_threshold(model)
+    except FileNotFoundError:  # a testbed folder without a recorded evaluation: measure it from its images
+        threshold = choose_copy_threshold(items)[0]
     seed_list = list(range(seeds))
     prompts = [item.caption for item in items] + plain
 
@@ -58,7 +64,7 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
 
     rows, scores = [], {}
     for name in samples:
-        memorized = [score_samples(samples[name][i], item, training, COPY_THRESHOLD) for i, item in enumerate(items)]
+        memorized = [score_samples(samples[name][i], item, training, threshold) for i, item in enumerate(items)]
         plain_checks = [alignment_rates(samples[name][len(items) + i], p) for i, p in enumerate(plain)]
         scores[name] = {"memorized": memorized, "plain": plain_checks}
         mem_align = [m["alignment"] for m in memorized]
@@ -103,7 +109,7 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
     print(f"GUARD setting: s={guard_config.guidance_scale} r={guard_config.repulsion_scale} "
           f"({guard_config.repulsion_schedule}) tau={guard_config.spike_threshold} alpha={guard_config.spike_scale}"
           f"{' orthogonalised' if guard_config.orthogonalize else ''}; CFG at s={cfg_config.guidance_scale}")
-    print(f"copy = own-image SSIM > {COPY_THRESHOLD}; {seeds} seeds, {steps} DDIM steps\n")
+    print(f"copy = own-image SSIM > {threshold}; {seeds} seeds, {steps} DDIM steps\n")
     print(_format_table(rows))
     print("\nShare of spike checks (layers x heads x steps x seeds) that attenuated each word under GUARD:")
     report = reports["GUARD"]
