@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="memorized and plain prompts under CFG and GUARD, side by side")
     demo.add_argument("--out", default="guard_demo.png", help="PNG grid to write")
-    demo.add_argument("--seeds", type=_positive_int, default=4)
-    demo.add_argument("--steps", type=_positive_int, default=25)
+    demo.add_argument("--seeds", type=_positive_int, default=3)
+    demo.add_argument("--steps", type=_positive_int, default=20)
     demo.add_argument("--model", default=None, help="a testbed folder (default: the shipped testbed)")
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(run=cmd_demo)

@@ -1,0 +1,80 @@
+"""The ``guard`` command end to end on the shipped testbed (few steps), and its user errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from guard.cli import build_parser, main
+from guard.visualize import enlarge, image_grid
+
+
+def test_generate_writes_an_enlarged_png_and_reports_tokens(tmp_path, capsys):
+    out = tmp_path / "sample.png"
+    assert main(["generate", "a red circle on a blue background", "--steps", "2", "--images", "2", "--out", str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (2 * 256, 256)  # two 32x32 samples, enlarged for viewing
+    printed = capsys.readouterr().out
+    assert "circle" in printed and f"wrote {out}" in printed
+
+
+def test_generate_with_cfg_and_overrides(tmp_path):
+    out = tmp_path / "cfg.png"
+    args = ["generate", "a blue square on a white background", "--method", "cfg", "--steps", "2", "--images", "1",
+            "--guidance-scale", "3", "--seed", "7", "--out", str(out)]
+    assert main(args) == 0
+    assert np.asarray(Image.open(out)).std() > 0  # not a blank canvas
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--seeds", "1", "--steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "memorized | CFG" in printed and "memorized | GUARD" in printed and "plain | GUARD" in printed
+    assert Image.open(out).size[0] > 400
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "x", "--model", "/no/such/folder"], "no model folder at /no/such/folder"),
+        (["generate", "x", "--out", "sample.jpg"], "--out must name a .png file"),
+        (["generate", "x", "--spike-scale", "-1"], "spike_scale must be >= 0"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path)]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "x", "--method", "nope"],
+        ["generate", "x", "--steps", "0"],
+        ["generate", "x", "--images", "two"],
+        ["generate", "x", "--guidance-scale", "nan"],
+        ["demo", "--seeds", "-1"],
+    ],
+)
+def test_bad_options_are_rejected_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_grid_layout_and_nearest_neighbour_enlargement():
+    tile = np.zeros((4, 4, 3), dtype=np.float32)
+    tile[:2] = 1.0
+    big = np.asarray(enlarge(tile, 8))
+    assert big.shape == (8, 8, 3) and set(np.unique(big)) == {0, 255}  # no blurred in-between values
+    grid = image_grid([[tile, tile], [tile]], cell=8, column_labels=["a", "b"], captions=[["x", "y"], ["z"]])
+    assert grid.size == (16, 16 + 2 * (8 + 16))
+    with pytest.raises(ValueError, match="non-empty row"):
+        image_grid([])
