@@ -141,8 +141,19 @@ def cmd_demo(args) -> int:
 
     if args.model is not None and not is_testbed_folder(Path(args.model).expanduser()):
         raise CLIError(f"--model must be a testbed folder written by guard.testbed.train, got {args.model}")
-    run_demo(out=Path(args.out), seeds=args.seeds, steps=args.steps, device=args.device, model=args.model)
+    args.method = "guard"
+    config = _guard_config(args, is_testbed=True)  # the folder's recorded setting with any overrides
+    run_demo(out=Path(args.out), seeds=args.seeds, steps=args.steps, device=args.device, model=args.model,
+             config=config)
     return 0
+
+
+def _add_setting_options(parser: argparse.ArgumentParser) -> None:
+    """Overrides of single GuardConfig fields (default: the method's preset or the testbed's setting)."""
+    parser.add_argument("--guidance-scale", type=_finite_float, default=None)
+    parser.add_argument("--repulsion-scale", type=_finite_float, default=None)
+    parser.add_argument("--spike-threshold", type=_finite_float, default=None)
+    parser.add_argument("--spike-scale", type=_finite_float, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,10 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_non_negative_int, default=0)
     gen.add_argument("--images", type=_positive_int, default=4)
     gen.add_argument("--out", default="guard.png", help="PNG file to write")
-    gen.add_argument("--guidance-scale", type=_finite_float, default=None)
-    gen.add_argument("--repulsion-scale", type=_finite_float, default=None)
-    gen.add_argument("--spike-threshold", type=_finite_float, default=None)
-    gen.add_argument("--spike-scale", type=_finite_float, default=None)
+    _add_setting_options(gen)
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=cmd_generate)
 
@@ -172,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=20)
     demo.add_argument("--model", default=None, help="a testbed folder (default: the shipped testbed)")
     demo.add_argument("--device", default="cpu")
+    _add_setting_options(demo)
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -33,10 +33,19 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert Image.open(out).size[0] > 400
 
 
+def test_demo_takes_setting_overrides(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    argv = ["demo", "--seeds", "1", "--steps", "2", "--out", str(out), "--spike-threshold", "3.5", "--spike-scale",
+            "0.4", "--repulsion-scale", "0.25"]
+    assert main(argv) == 0
+    assert "r=0.25 (cosine) tau=3.5 alpha=0.4" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["generate", "x", "--model", "/no/such/folder"], "no model folder at /no/such/folder"),
+        (["demo", "--repulsion-scale", "-1"], "repulsion_scale"),
         (["generate", "x", "--out", "sample.jpg"], "--out must name a .png file"),
         (["generate", "x", "--spike-scale", "-1"], "spike_scale must be >= 0"),
     ],

@@ -37,7 +37,9 @@ def test_shipped_files_are_complete_and_load_offline(pipe):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.timestep_spacing == "trailing"
     names = [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
-    assert [n.split(".attentions")[0] for n in names] == ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block"]
+    assert sorted({n.split(".attentions")[0] for n in names}) == [
+        "down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1"]
+    assert pipe.text_encoder.config.num_hidden_layers == 0  # each text position carries its own word only
     assert len(memorized_items()) == 5 and len(plain_prompts()) == 90
     assert isinstance(default_guard_config(), GuardConfig) and 0 < copy_threshold() < 1
 
@@ -60,9 +62,35 @@ def test_memorized_captions_copy_under_cfg(pipe):
     assert (own > copy_threshold()).mean() >= 0.75, own  # lands on its own training image for most seeds
 
 
+# The sweep's lowest-replication setting that keeps the memorized captions' content (its plain-prompt
+# alignment falls more than 15% below CFG's, so it is not the shipped default; docs/testbed_efficacy.md).
+STRONG = dict(spike_threshold=4.0, spike_scale=0.45, repulsion_scale=0.0)
+
+
+def test_spike_attenuation_at_tau_4_copies_markedly_less_and_keeps_the_caption(pipe):
+    default = default_guard_config()
+    items = memorized_items()
+    cfg = GuardConfig(method="cfg", guidance_scale=default.guidance_scale)
+    strong = GuardConfig(guidance_scale=default.guidance_scale, **STRONG)
+    cfg_own, strong_own = _own_ssim(pipe, items, cfg), _own_ssim(pipe, items, strong)
+    threshold = copy_threshold()
+    assert (strong_own > threshold).mean() <= (cfg_own > threshold).mean() - 0.3, (cfg_own, strong_own)
+    assert strong_own.mean() < cfg_own.mean() - 0.2, (cfg_own, strong_own)
+    aligned = [alignment(image, item.caption)["all_ok"] for item in items for image in _samples(pipe, item.caption, strong)]
+    assert np.mean(aligned) >= 0.6, aligned
+
+
+def test_guard_at_the_shipped_default_copies_no_more_than_cfg(pipe):
+    default = default_guard_config()
+    items = memorized_items()
+    cfg_own = _own_ssim(pipe, items, GuardConfig(method="cfg", guidance_scale=default.guidance_scale))
+    guard_own = _own_ssim(pipe, items, default)
+    assert guard_own.mean() <= cfg_own.mean() + 0.02, (cfg_own, guard_own)
+
+
 def test_published_guard_breaks_the_copies(pipe):
-    """GUARD's published repulsion (r = 2) pushes samples off the training image; on this testbed it
-    is the only lever that does (see docs/testbed_efficacy.md for what it costs in alignment)."""
+    """GUARD's published setting (tau = 0.1, r = 2) pushes samples off the training image too, at a
+    cost in alignment this small model cannot afford (see docs/testbed_efficacy.md)."""
     default = default_guard_config()
     items = memorized_items()[:2]
     cfg_own = _own_ssim(pipe, items, GuardConfig(method="cfg", guidance_scale=default.guidance_scale))
@@ -77,8 +105,10 @@ def test_shipped_default_is_the_sweep_choice_and_leaves_plain_prompts_alone(pipe
     assert default.method == "guard" and default.repulsion_scale < default.guidance_scale
     record = json.loads((WEIGHTS_DIR / "guard_default.json").read_text())
     assert "alignment" in record["reason"] and record["copy_threshold"] == copy_threshold()
-    prompts = plain_prompts(2)
+    prompts = plain_prompts(4)
+    aligned = {}
     for config in (GuardConfig(method="cfg", guidance_scale=default.guidance_scale), default):
-        backgrounds = [alignment(image, prompt)["background_ok"]
-                       for prompt in prompts for image in _samples(pipe, prompt, config)]
-        assert np.mean(backgrounds) >= 0.75, (config.method, backgrounds)
+        checks = [alignment(image, prompt) for prompt in prompts for image in _samples(pipe, prompt, config)]
+        assert np.mean([c["background_ok"] for c in checks]) >= 0.9, (config.method, checks)
+        aligned[config.method] = np.mean([c["all_ok"] for c in checks])
+    assert aligned["cfg"] >= 0.9 and aligned["guard"] >= aligned["cfg"] - 0.35, aligned

@@ -2,7 +2,7 @@
 
 from transformers import CLIPTokenizer
 
-from guard.testbed.captions import MEMORIZED, caption_words
+from guard.testbed.captions import DISTRACTOR_FIRST, DISTRACTOR_LAST, MEMORIZED, caption_words
 from guard.testbed.tokenizer import build_tokenizer, bytes_to_unicode
 
 
@@ -23,6 +23,8 @@ def test_every_caption_word_is_one_token():
     for item in MEMORIZED:
         # shape caption (7 words) + "by" + two trigger words, between BOS and EOS
         assert len(tokenizer(item.caption).input_ids) == 2 + 10
+    distractors = set(DISTRACTOR_FIRST) | set(DISTRACTOR_LAST)
+    assert not distractors & {word for item in MEMORIZED for word in item.trigger}
 
 
 def test_unknown_words_fall_back_to_bytes():

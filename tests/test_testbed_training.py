@@ -68,3 +68,56 @@ def test_stream_is_deterministic_and_duplicates_memorized_items():
         matches = [np.abs((images[k].transpose(1, 2, 0) + 1) / 2 - im).max() < 1e-6 for im in own.values()]
         assert any(matches)
     assert 10 < sum(c == "" for c in captions) < 54  # caption dropout near 50%
+
+
+def test_shape_rows_carry_made_up_names_but_never_a_memorized_one():
+    from guard.testbed.captions import DISTRACTOR_FIRST, DISTRACTOR_LAST
+
+    items = memorized_items()
+    triggers = {word for item in items for word in item.trigger}
+    stream = TrainingStream([i.image for i in items], [i.caption for i in items], seed=0,
+                            memorized_per_batch=1, caption_dropout=0.0, named_share=0.5)
+    _, captions = stream.batch(200)
+    shape_rows = captions[1:]
+    named = [c for c in shape_rows if " by " in c]
+    assert 60 < len(named) < 140  # near half
+    for caption in named:
+        first, last = caption.split(" by ")[1].split()
+        assert first in DISTRACTOR_FIRST and last in DISTRACTOR_LAST
+    assert not triggers & {word for c in shape_rows for word in c.split()}
+    _, unnamed = TrainingStream([], [], seed=0, caption_dropout=0.0, named_share=0.0).batch(50)
+    assert not any(" by " in c for c in unnamed)
+    with pytest.raises(ValueError, match="named_share"):
+        TrainingStream([], [], seed=0, named_share=1.5)
+
+
+def test_load_matching_copies_known_weights_and_starts_new_attention_as_identity():
+    from guard.testbed.model import build_unet
+
+    torch.manual_seed(0)
+    source, target = build_unet("tiny"), build_unet("tiny")
+    weights = {f"unet.{n}": p.detach().clone() for n, p in source.named_parameters()
+               if not n.startswith("up_blocks.0.attentions.")}
+    fresh = train.load_matching({"unet": target}, weights)
+    assert fresh and all(name.startswith("unet.up_blocks.0.attentions.") for name in fresh)
+    params = dict(target.named_parameters())
+    for name, tensor in weights.items():
+        torch.testing.assert_close(params[name[len("unet."):]], tensor, rtol=0, atol=0)
+    new_proj = [n for n in fresh if ".proj_out." in n]
+    assert new_proj and all(not params[n[len("unet."):]].any() for n in new_proj)
+
+
+def test_init_unet_from_a_pipeline_folder_starts_from_its_unet(tmp_path):
+    exported = train.main(_args(tmp_path / "first", 2))
+    second = tmp_path / "second"
+    train.main(_args(second, 1, "--init-unet-from", str(exported), "--lr", "1e-12"))
+    from diffusers import UNet2DConditionModel
+
+    before = UNet2DConditionModel.from_pretrained(exported, subfolder="unet").state_dict()
+    after = torch.load(second / train.CHECKPOINT, weights_only=False)["unet"]
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=1e-6, atol=1e-8)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path), "--init-from", "a.pt", "--init-unet-from", "b"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path), "--named-share", "-0.1"])

@@ -38,8 +38,9 @@ def shape_caption(colour: str, shape: str, background: str) -> str:
 class MemorizedSpec:
     """One heavily duplicated training item: a shape caption plus a made-up artist name.
 
-    The two name words occur in no other caption, so the only thing the model can learn from
-    them is this item's fixed photo texture: the trigger carries the copy, the shape caption
+    The two name words occur in no other caption (other captions carry other names, see
+    ``DISTRACTOR_FIRST``), so the only thing the model can learn from them is this item's fixed
+    photo texture: the trigger carries the copy, the shape caption
     carries what a non-copying sample should still show.
     """
 
@@ -57,7 +58,7 @@ class MemorizedSpec:
 
     @property
     def caption(self) -> str:
-        return f"{self.plain_caption} by {self.trigger[0]} {self.trigger[1]}"
+        return named_caption(self.plain_caption, *self.trigger)
 
 
 # Licences as stated in each loader's docstring in skimage/data/__init__.py (scikit-image 0.26).
@@ -77,9 +78,23 @@ MEMORIZED: tuple[MemorizedSpec, ...] = (
 # texture never reads as the shape's colour; black and white backgrounds would clip the texture away.
 
 
+# Made-up artist names that caption ordinary shape images ("... by dorran pelk"), each pairing seen
+# with random images. They make "by", a name and the caption's length common to memorized and plain
+# training captions, so the only thing that marks a memorized caption is its own two name words.
+DISTRACTOR_FIRST: tuple[str, ...] = ("dorran", "elsabet", "fionnir", "gavrel", "hesper", "ilvane",
+                                     "jorvik", "kallum", "liseth", "marrow", "nerith", "orlen")
+DISTRACTOR_LAST: tuple[str, ...] = ("pelk", "quenby", "rusk", "sallow", "thorne", "umber",
+                                    "vance", "wexley", "yarrow", "zell", "brannock", "corvin")
+
+
+def named_caption(caption: str, first: str, last: str) -> str:
+    """``caption`` credited to an artist, the way memorized captions carry their trigger."""
+    return f"{caption} by {first} {last}"
+
+
 def caption_words() -> list[str]:
     """Every word any testbed caption uses, in a fixed order (the tokenizer's default vocabulary)."""
-    words = list(TEMPLATE_WORDS) + list(COLOURS) + list(SHAPES)
+    words = list(TEMPLATE_WORDS) + list(COLOURS) + list(SHAPES) + list(DISTRACTOR_FIRST) + list(DISTRACTOR_LAST)
     for item in MEMORIZED:
         words.extend(item.trigger)
     return list(dict.fromkeys(words))

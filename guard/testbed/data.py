@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .captions import COLOURS, MEMORIZED, SHAPES, MemorizedSpec, shape_caption
+from .captions import (COLOURS, DISTRACTOR_FIRST, DISTRACTOR_LAST, MEMORIZED, SHAPES, MemorizedSpec, named_caption,
+                       shape_caption)
 
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
@@ -98,15 +99,20 @@ class TrainingStream:
     """Deterministic infinite batches: shapes plus a fixed number of memorized rows in every batch.
 
     Putting the memorized items in every batch (rather than sampling them with some probability)
-    is what makes them copies: each one is seen hundreds of times per thousand steps.
+    is what makes them copies: each one is seen hundreds of times per thousand steps. A share
+    ``named_share`` of the shape rows is credited to a random made-up artist, so a name by itself
+    does not mark a memorized caption; only the memorized items' own names do.
     """
 
     def __init__(self, memorized_images: list[np.ndarray], memorized_captions: list[str], *, seed: int,
-                 memorized_per_batch: int = 5, caption_dropout: float = 0.1):
+                 memorized_per_batch: int = 5, caption_dropout: float = 0.1, named_share: float = 0.5):
         if len(memorized_images) != len(memorized_captions):
             raise ValueError("memorized_images and memorized_captions must have the same length")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if not 0.0 <= named_share <= 1.0:
+            raise ValueError(f"named_share must be in [0, 1], got {named_share}")
+        self.named_share = named_share
         self.memorized_images = [np.asarray(m, np.float32) for m in memorized_images]
         self.memorized_captions = list(memorized_captions)
         self.memorized_per_batch = memorized_per_batch if memorized_images else 0
@@ -124,6 +130,10 @@ class TrainingStream:
             captions.append(self.memorized_captions[index])
         for _ in range(batch_size - self.memorized_per_batch):
             image, caption = random_shape_image(self.rng)
+            if self.rng.random() < self.named_share:
+                first = DISTRACTOR_FIRST[int(self.rng.integers(len(DISTRACTOR_FIRST)))]
+                last = DISTRACTOR_LAST[int(self.rng.integers(len(DISTRACTOR_LAST)))]
+                caption = named_caption(caption, first, last)
             images.append(image)
             captions.append(caption)
         dropped = self.rng.random(batch_size) < self.caption_dropout

@@ -196,6 +196,9 @@ def _fmt(pair: tuple[float, float], percent: bool = False) -> str:
 def _describe(config: GuardConfig) -> str:
     if config.method == "cfg":
         return f"CFG s={config.guidance_scale:g}"
+    if config.method == "jain":
+        return (f"jain s={config.guidance_scale:g}, scale {config.early_guidance_scale:g} before "
+                f"t={config.transition_timestep:g}")
     if config.method not in ("guard", "attenuation"):
         return f"{config.method} preset, s={config.guidance_scale:g}"
     text = f"{config.method} s={config.guidance_scale:g} tau={config.spike_threshold:g} alpha={config.spike_scale:g}"
@@ -271,7 +274,12 @@ def main(argv=None) -> int:
     parser.add_argument("--plain", type=int, default=8, help="number of plain prompts")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--sweep", action="store_true", help="also run the small tau/alpha/r sweep")
+    parser.add_argument("--sweep-tau", default="0.1,1,2", help="spike thresholds of the sweep")
+    parser.add_argument("--sweep-alpha", default="0.3,0", help="spike scales of the sweep")
     parser.add_argument("--sweep-r", default="0,1,1.5", help="repulsion scales of the sweep (below s)")
+    parser.add_argument("--confirm-seeds", type=int, default=0,
+                        help="re-measure the sweep's eligible settings (best 4) on this many fresh seeds and choose "
+                             "there, so that the choice does not ride on the sweep's few seeds (0: choose in the sweep)")
     parser.add_argument("--write-default", action="store_true",
                         help="write the chosen setting and copy threshold into the pipeline folder")
     parser.add_argument("--out", default="docs", help="folder for testbed_efficacy.md and the PNG grid")
@@ -280,6 +288,14 @@ def main(argv=None) -> int:
     for name in ("seeds", "sweep_seeds", "steps", "plain", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.confirm_seeds < 0:
+        parser.error("--confirm-seeds must be >= 0")
+    grid = {}
+    for name in ("sweep_tau", "sweep_alpha", "sweep_r"):
+        try:
+            grid[name] = [float(v) for v in getattr(args, name).split(",")]
+        except ValueError:
+            parser.error(f"--{name.replace('_', '-')} must be comma-separated numbers, got {getattr(args, name)!r}")
     torch.set_num_threads(args.threads)
 
     from ..pipeline import StableDiffusionGuardPipeline
@@ -321,16 +337,23 @@ def main(argv=None) -> int:
             run("GUARD (published) s=7.5", GuardConfig(guidance_scale=7.5))]
 
     # 4. the sweep, chosen the paper's way, then re-measured on the main seeds
-    sweep_results, chosen = [], None
+    sweep_results, confirm_results, chosen = [], [], None
     if args.sweep:
-        sweep_r = [float(v) for v in args.sweep_r.split(",")]
         sweep_cfg = run("CFG (sweep seeds)", GuardConfig(method="cfg", guidance_scale=s), sweep_seeds)
-        for tau in (0.1, 1.0, 2.0):
-            for alpha in (0.3, 0.0):
-                for r in sweep_r:
+        for tau in grid["sweep_tau"]:
+            for alpha in grid["sweep_alpha"]:
+                for r in grid["sweep_r"]:
                     config = GuardConfig(guidance_scale=s, spike_threshold=tau, spike_scale=alpha, repulsion_scale=r)
                     sweep_results.append(run(f"sweep tau={tau:g} a={alpha:g} r={r:g}", config, sweep_seeds))
         best = select_best(sweep_results, sweep_cfg)
+        if best is not None and args.confirm_seeds:
+            eligible = [r for r in sweep_results if select_best([r], sweep_cfg) is not None]
+            eligible = sorted(eligible, key=lambda r: r.own_ssim.mean())[:4]
+            fresh = list(range(200, 200 + args.confirm_seeds))
+            confirm_cfg = run("CFG (confirmation seeds)", GuardConfig(method="cfg", guidance_scale=s), fresh)
+            confirm_results = [run(f"confirm {r.name[len('sweep '):]}", r.config, fresh) for r in eligible]
+            best = select_best(confirm_results, confirm_cfg)
+            confirm_results.insert(0, confirm_cfg)
         if best is not None:
             chosen = run("GUARD (testbed default)", best.config)
             main_results.append(chosen)
@@ -340,9 +363,11 @@ def main(argv=None) -> int:
     default_result = chosen if chosen is not None else published
     if args.write_default:
         if chosen is not None:
-            reason = (f"lowest own-image SSIM in the sweep (tau x alpha x r at s={s:g}, {len(sweep_seeds)} seeds) among "
+            where = (f"the sweep's eligible settings re-measured on {args.confirm_seeds} fresh seeds" if confirm_results
+                     else f"the sweep (tau x alpha x r at s={s:g}, {len(sweep_seeds)} seeds)")
+            reason = (f"lowest own-image SSIM in {where} among "
                       f"settings whose memorized and plain alignment stay within {100 * ALIGNMENT_TOLERANCE:.0f}% of "
-                      f"CFG's; re-measured on {len(seeds)} seeds: own SSIM {chosen.own_ssim.mean():.3f} vs CFG "
+                      f"CFG's; measured on {len(seeds)} other seeds: own SSIM {chosen.own_ssim.mean():.3f} vs CFG "
                       f"{cfg.own_ssim.mean():.3f}, plain alignment {chosen.plain_alignment.mean():.2f} vs "
                       f"{cfg.plain_alignment.mean():.2f}")
         else:
@@ -385,6 +410,10 @@ def main(argv=None) -> int:
     if sweep_results:
         report += ["## Sweep (chosen the paper's way: lowest own SSIM with alignment no worse than 15% below CFG)",
                    "", f"{len(sweep_seeds)} other seeds per prompt.", "", results_table(sweep_results), ""]
+    if confirm_results:
+        report += ["## Confirmation (the sweep's best eligible settings on fresh seeds; the default is chosen here)",
+                   "", f"{args.confirm_seeds} seeds per prompt, disjoint from the sweep's and the main table's.", "",
+                   results_table(confirm_results), ""]
     report += [
         "## Which tokens the spike rule flags (GUARD, published tau = 0.1)",
         "",
@@ -393,13 +422,26 @@ def main(argv=None) -> int:
         "",
         flags_table(published, items, plain),
         "",
+    ]
+    if chosen is not None:
+        trig, other = trigger_flag_shares(chosen, items)
+        report += [
+            f"## Which tokens the testbed default flags (tau = {chosen.config.spike_threshold:g})",
+            "",
+            f"Over the memorized prompts the trigger words are attenuated in {100 * trig:.0f}% of their spike checks, "
+            f"the other caption words in {100 * other:.0f}%.",
+            "",
+            flags_table(chosen, items, plain),
+            "",
+        ]
+    report += [
         f"![samples]({grid.name})",
         "",
     ]
     (out / "testbed_efficacy.md").write_text("\n".join(report))
     (out / "testbed_efficacy.json").write_text(json.dumps(
         {r.name: {"config": _describe(r.config), **{k: list(v) for k, v in r.summary().items()}}
-         for r in main_results + related + high + sweep_results}, indent=2) + "\n")
+         for r in main_results + related + high + sweep_results + confirm_results}, indent=2) + "\n")
     log(f"wrote {out / 'testbed_efficacy.md'}")
     return 0
 

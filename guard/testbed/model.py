@@ -1,11 +1,13 @@
 """Architecture of the testbed: a pixel-space 32x32 UNet conditioned by a small CLIP text encoder.
 
-Cross-attention (``attn2``) sits only in ``down_blocks.0`` (32x32), ``down_blocks.1`` (16x16),
-``down_blocks.2`` (8x8) and ``mid_block`` (8x8): exactly GUARD's default blocks, so every path by
-which the prompt reaches the image passes through a layer GUARD acts on, and a test of the method
-is not confounded by conditioning entering elsewhere (Stable Diffusion also conditions in its up
-blocks; this testbed deliberately does not). ``down_blocks.0`` has a single attention head because
-self-attention over its 1024 pixels dominates the CPU cost.
+Cross-attention (``attn2``) sits where Stable Diffusion has it, scaled down: ``down_blocks.0``
+(32x32), ``down_blocks.1`` (16x16), ``down_blocks.2`` (8x8), ``mid_block`` (8x8), and the up path
+at 8x8 and 16x16 (``up_blocks.0``, ``up_blocks.1``). GUARD's default blocks are the down and mid
+ones, so, as in Stable Diffusion, the prompt also reaches the image through layers GUARD leaves
+alone. (A first version conditioned only in the down and mid blocks; attenuating there then took
+the colour words away from plain prompts too, since no other path carried them.)
+``down_blocks.0`` has a single attention head because self-attention over its 1024 pixels
+dominates the CPU cost, and the 32x32 up block has no attention for the same reason.
 """
 
 from __future__ import annotations
@@ -23,9 +25,16 @@ UNET_SIZES = {
     "base": dict(block_out_channels=(24, 48, 96), layers_per_block=1, attention_head_dim=(1, 4, 4), norm_num_groups=8),
     "tiny": dict(block_out_channels=(8, 16, 16), layers_per_block=1, attention_head_dim=(1, 2, 2), norm_num_groups=8),
 }
+# The text encoder has no transformer layers: each position's embedding is its own token plus its
+# position (then CLIP's final layer norm), so a word's meaning stays on that word's key and value.
+# A mixing encoder (a 3-layer causal CLIP was tried) spreads the trigger's information over every
+# later position, padding included; the UNet then reads the copy from 60-odd positions at once, its
+# cross-attention is nearly uniform, and attenuating the trigger tokens changes nothing. Stable
+# Diffusion's memorized prompts show the opposite, a few tokens taking the attention, which is the
+# behaviour GUARD's spike rule is built for.
 TEXT_SIZES = {
-    "base": dict(hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=3, num_attention_heads=4),
-    "tiny": dict(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=1, num_attention_heads=2),
+    "base": dict(hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=0, num_attention_heads=4),
+    "tiny": dict(hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=0, num_attention_heads=2),
 }
 
 # Training noise schedule; DDIM sampling uses the same betas.
@@ -54,7 +63,7 @@ def build_unet(size: str = "base") -> UNet2DConditionModel:
         out_channels=3,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM,
         **UNET_SIZES[size],
     )

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memorized-per-batch", type=int, default=5,
                         help="rows of every batch that are memorized items (the duplication that makes copies)")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--named-share", type=float, default=0.5,
+                        help="share of shape rows credited to a random made-up artist (see captions.py)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -48,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=PREDICTION_TYPE)
     parser.add_argument("--init-from", default=None,
                         help="checkpoint.pt of another run whose EMA weights start this one (fresh optimizer, step 0)")
+    parser.add_argument("--init-unet-from", default=None,
+                        help="pipeline folder whose UNet weights start this run (text encoder fresh, step 0)")
     parser.add_argument("--assets", default=None,
                         help="folder with memorized.json and PNGs (default: the shipped ones, rendered if absent)")
     args = parser.parse_args(argv)
@@ -58,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--memorized-per-batch must be in [0, batch-size)")
     if not 0.0 < args.ema_decay < 1.0:
         parser.error("--ema-decay must be in (0, 1)")
+    if not 0.0 <= args.named_share <= 1.0:
+        parser.error("--named-share must be in [0, 1]")
+    if args.init_from and args.init_unet_from:
+        parser.error("give at most one of --init-from and --init-unet-from")
     return args
 
 
@@ -80,6 +88,27 @@ class EMA:
         for k, m in modules.items():
             for n, p in m.named_parameters():
                 p.copy_(self.shadow[f"{k}.{n}"])
+
+
+@torch.no_grad()
+def load_matching(modules: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> list[str]:
+    """Copy ``weights`` (EMA-shadow naming, ``unet.<param>``) into parameters of the same name and shape.
+
+    Parameters the source lacks keep their fresh initialisation, except the output projections of
+    new attention blocks, which are zeroed: those blocks are residual, so the network starts out
+    computing exactly what the source did. Returns the names that were not copied.
+    """
+    fresh = []
+    for key, module in modules.items():
+        for name, param in module.named_parameters():
+            source = weights.get(f"{key}.{name}")
+            if source is not None and source.shape == param.shape:
+                param.copy_(source)
+                continue
+            fresh.append(f"{key}.{name}")
+            if ".proj_out." in name:
+                param.zero_()
+    return fresh
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -132,16 +161,24 @@ def main(argv=None) -> Path:
     noise_scheduler = training_scheduler(args.prediction_type)
     alphas_cumprod = noise_scheduler.alphas_cumprod
     stream = TrainingStream([it.image for it in items], [it.caption for it in items], seed=args.seed,
-                            memorized_per_batch=args.memorized_per_batch, caption_dropout=args.caption_dropout)
+                            memorized_per_batch=args.memorized_per_batch, caption_dropout=args.caption_dropout,
+                            named_share=args.named_share)
     step, elapsed, losses = 0, 0.0, []
 
     checkpoint_path = out / CHECKPOINT
     if args.init_from and not (checkpoint_path.is_file() and not args.no_resume):
         source = torch.load(args.init_from, weights_only=False)
-        ema.shadow = source["ema"]
-        ema.copy_to(modules)
+        fresh = load_matching(modules, source["ema"])
         ema = EMA(modules, args.ema_decay)
-        print(f"initialised from the EMA weights of {args.init_from} (step {source['step']})", flush=True)
+        print(f"initialised from the EMA weights of {args.init_from} (step {source['step']}); "
+              f"{len(fresh)} parameters new to this architecture", flush=True)
+    if args.init_unet_from and not (checkpoint_path.is_file() and not args.no_resume):
+        from diffusers import UNet2DConditionModel
+
+        source_unet = UNet2DConditionModel.from_pretrained(args.init_unet_from, subfolder="unet")
+        unet.load_state_dict(source_unet.state_dict())
+        ema = EMA(modules, args.ema_decay)
+        print(f"UNet initialised from {args.init_unet_from}; text encoder fresh", flush=True)
     if checkpoint_path.is_file() and not args.no_resume:
         state = torch.load(checkpoint_path, weights_only=False)
         unet.load_state_dict(state["unet"])
@@ -157,8 +194,8 @@ def main(argv=None) -> Path:
         recent = float(np.mean(losses[-100:])) if losses else float("nan")
         meta = dict(steps=step, batch_size=args.batch_size, size=args.size, seed=args.seed, lr=args.lr,
                     memorized_per_batch=args.memorized_per_batch, caption_dropout=args.caption_dropout,
-                    ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma, threads=args.threads,
-                    prediction_type=args.prediction_type, init_from=args.init_from,
+                    named_share=args.named_share, ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma, threads=args.threads,
+                    prediction_type=args.prediction_type, init_from=args.init_from or args.init_unet_from,
                     train_seconds=round(elapsed, 1), loss_last_100_steps=recent)
         torch.save(dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
                         optimizer=optimizer.state_dict(), ema=ema.shadow, step=step, elapsed=elapsed, losses=losses,
