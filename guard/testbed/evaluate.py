@@ -1,6 +1,6 @@
 """Efficacy of GUARD on the testbed: replication and alignment per method, with intervals.
 
-    python -m guard.testbed.evaluate [--seeds 8] [--steps 25] [--out docs] [--sweep]
+    python -m guard.testbed.evaluate [--seeds 8] [--steps 25] [--out docs] [--sweep [--confirm-seeds 6]]
 
 Reusable pieces (the ``guard demo`` command builds on them): :func:`sample_images` (one batched
 pipeline call for many prompts and seeds), :func:`score_samples` (replication and alignment of
@@ -274,9 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--plain", type=int, default=8, help="number of plain prompts")
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--sweep", action="store_true", help="also run the small tau/alpha/r sweep")
-    parser.add_argument("--sweep-tau", default="0.1,1,2", help="spike thresholds of the sweep")
-    parser.add_argument("--sweep-alpha", default="0.3,0", help="spike scales of the sweep")
-    parser.add_argument("--sweep-r", default="0,1,1.5", help="repulsion scales of the sweep (below s)")
+    parser.add_argument("--sweep-tau", default="2,4", help="spike thresholds of the sweep")
+    parser.add_argument("--sweep-alpha", default="0.3,0.45,0.6", help="spike scales of the sweep")
+    parser.add_argument("--sweep-r", default="0,0.5,0.75,1", help="repulsion scales of the sweep (below s)")
     parser.add_argument("--confirm-seeds", type=int, default=0,
                         help="re-measure the sweep's eligible settings (best 4) on this many fresh seeds and choose "
                              "there, so that the choice does not ride on the sweep's few seeds (0: choose in the sweep)")
