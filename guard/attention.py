@@ -326,8 +326,9 @@ def attenuate_cross_attention(
         unet: a diffusers ``UNet2DConditionModel`` (or any model whose cross-attention modules are
             diffusers ``Attention`` layers named ``...attn2``).
         spike_rows: bool tensor over the UNet batch: rows that get the spike rule (GUARD's
-            positive rows), or None for plain fused attention everywhere. Changeable later via
-            ``session.spike_rows``.
+            positive rows), or None for plain fused attention everywhere (then no layer is
+            attenuated and ``config.blocks`` is not checked). Changeable later via
+            ``session.spike_rows`` within the layers chosen here.
         config: supplies ``blocks``, ``spike_threshold`` and ``spike_scale``.
         collect_stats: accumulate per-token spike counts on the device.
         backend: the kernel backend ("auto", "triton", "torch").
@@ -352,7 +353,9 @@ def attenuate_cross_attention(
                 " model (it carries extra weights or inputs); supported: "
                 + ", ".join(cls.__name__ for cls in _REPLACEABLE_PROCESSORS)
             )
-    attenuated = select_attenuated_layers(layers, config.blocks)
+    # Without spike rows nothing is attenuated, so config.blocks need not match this UNet (e.g. Ren et
+    # al.'s token modulation, which acts on every layer).
+    attenuated = select_attenuated_layers(layers, config.blocks) if spike_rows is not None else ()
     session = AttenuationSession(config, spike_rows, tuple(layers), attenuated, collect_stats, backend)
     session.token_scale = token_scale
     session.token_bias = token_bias

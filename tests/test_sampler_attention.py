@@ -207,8 +207,10 @@ def test_nested_sessions_restore_the_outer_one(unet):
 def test_bad_arguments_raise_clear_errors(unet):
     latents, t, text = _inputs()
     with pytest.raises(ValueError, match="'down_blocks.3' matches no cross-attention"):
-        with attenuate_cross_attention(unet, None, GuardConfig(blocks=("down_blocks.3",))):
+        with attenuate_cross_attention(unet, torch.ones(2, dtype=torch.bool), GuardConfig(blocks=("down_blocks.3",))):
             pass
+    with attenuate_cross_attention(unet, None, GuardConfig(blocks=("down_blocks.3",))) as session:
+        assert session.attenuated_layers == ()  # no spike rows: nothing attenuated, blocks not checked
     with pytest.raises(TypeError, match="config must be a GuardConfig"):
         with attenuate_cross_attention(unet, None, {"blocks": CHOSEN}):
             pass

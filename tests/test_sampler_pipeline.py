@@ -333,3 +333,13 @@ def test_triton_backend_gives_the_same_run(tiny):
     triton_run = run(pipe, GuardConfig(), prompts=prompt, num_inference_steps=2, attention_backend="triton")
     assert relative_error(triton_run.images, torch_run.images) <= TOLERANCE
     assert torch.equal(triton_run.report.flag_counts, torch_run.report.flag_counts)
+
+
+def test_ren_ignores_blocks_it_does_not_use(tiny):
+    """Ren et al.'s modulation acts on every cross-attention layer, so GUARD's block list is not checked."""
+    pipe, _ = tiny
+    default = run(pipe, GuardConfig.preset("ren"), num_inference_steps=2).images
+    elsewhere = run(pipe, GuardConfig.preset("ren", blocks=("down_blocks.9",)), num_inference_steps=2).images
+    torch.testing.assert_close(elsewhere, default, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'down_blocks.9' matches no cross-attention"):
+        run(pipe, GuardConfig(blocks=("down_blocks.9",)), num_inference_steps=2)
