@@ -156,6 +156,19 @@ _OTHER_STRIDES = ["stride_vb", "stride_vn", "stride_vh", "stride_ob", "stride_on
 _TOKEN_STRIDES = ["stride_tsb", "stride_tsh", "stride_tsn", "stride_tbb", "stride_tbh", "stride_tbn"]
 
 
+@triton.jit
+def _arrived_last(counter_ptr, row_head, num_blocks):
+    """Count this program in for its (row, head); true for the last of the ``num_blocks`` to arrive.
+
+    Last-arrival reduction: every thread's partial store is ordered before the release of the
+    counter increment (barrier + acq_rel atomic); the last program acquires them all, and its
+    caller puts a barrier before reading the partials back.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + row_head, 1, sem="acq_rel", scope="gpu")
+    return arrived == num_blocks - 1
+
+
 @triton.jit(do_not_specialize=_QK_STRIDES + _SHAPE_ARGS)
 def _spike_peaks_kernel(
     q_ptr,
@@ -204,11 +217,7 @@ def _spike_peaks_kernel(
     partial_base = peak_partial_ptr + row_head * num_blocks * BLOCK_N
     tl.store(partial_base + block * BLOCK_N + offs_n, block_peak)
 
-    # Last-arrival reduction: every thread's partial store is ordered before the release of the
-    # counter increment (barrier + acq_rel atomic); the last program acquires them all.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + row_head, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_blocks - 1:
+    if _arrived_last(counter_ptr, row_head, num_blocks):
         tl.debug_barrier()
         peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         for other in range(0, num_blocks):
@@ -352,9 +361,7 @@ def _attention_kernel(
         tl.store(max_partial_ptr + partial_offset + block * BLOCK_N + offs_n, block_max)
         tl.store(mass_partial_ptr + partial_offset + block * BLOCK_N + offs_n, block_mass)
 
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + row_head, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_blocks - 1:
+        if _arrived_last(counter_ptr, row_head, num_blocks):
             tl.debug_barrier()
             peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
             mass = tl.zeros((BLOCK_N,), tl.float32)
