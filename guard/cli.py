@@ -91,10 +91,11 @@ def testbed_guard_config(model: Optional[str]):
 def _guard_config(args, is_testbed: bool):
     from .config import GuardConfig
 
-    if is_testbed and args.method == "guard":
+    method = getattr(args, "method", "guard")  # `guard demo` has no --method: it always shows GUARD
+    if is_testbed and method == "guard":
         config = testbed_guard_config(args.model)
     else:
-        config = GuardConfig.preset(args.method)
+        config = GuardConfig.preset(method)
     overrides = {
         "guidance_scale": args.guidance_scale,
         "repulsion_scale": args.repulsion_scale,
@@ -141,7 +142,6 @@ def cmd_demo(args) -> int:
 
     if args.model is not None and not is_testbed_folder(Path(args.model).expanduser()):
         raise CLIError(f"--model must be a testbed folder written by guard.testbed.train, got {args.model}")
-    args.method = "guard"
     config = _guard_config(args, is_testbed=True)  # the folder's recorded setting with any overrides
     run_demo(out=Path(args.out), seeds=args.seeds, steps=args.steps, device=args.device, model=args.model,
              config=config)

@@ -176,13 +176,16 @@ def choose_copy_threshold(items: list[MemorizedItem], samples: int = 200, seed: 
     return threshold, reason
 
 
-def select_best(results: list[MethodResult], baseline: MethodResult) -> MethodResult | None:
-    """Lowest mean own-image SSIM among settings whose memorized- and plain-prompt alignment are
-    both no worse than ``ALIGNMENT_TOLERANCE`` below the CFG baseline (the paper's selection rule)."""
+def is_eligible(result: MethodResult, baseline: MethodResult) -> bool:
+    """Memorized- and plain-prompt alignment both no worse than ``ALIGNMENT_TOLERANCE`` below the baseline's."""
     limit = 1.0 - ALIGNMENT_TOLERANCE
-    eligible = [r for r in results
-                if r.memorized_alignment.mean() >= limit * baseline.memorized_alignment.mean()
-                and r.plain_alignment.mean() >= limit * baseline.plain_alignment.mean()]
+    return (result.memorized_alignment.mean() >= limit * baseline.memorized_alignment.mean()
+            and result.plain_alignment.mean() >= limit * baseline.plain_alignment.mean())
+
+
+def select_best(results: list[MethodResult], baseline: MethodResult) -> MethodResult | None:
+    """Lowest mean own-image SSIM among the eligible settings (the paper's selection rule)."""
+    eligible = [r for r in results if is_eligible(r, baseline)]
     return min(eligible, key=lambda r: r.own_ssim.mean()) if eligible else None
 
 
@@ -347,7 +350,7 @@ def main(argv=None) -> int:
                     sweep_results.append(run(f"sweep tau={tau:g} a={alpha:g} r={r:g}", config, sweep_seeds))
         best = select_best(sweep_results, sweep_cfg)
         if best is not None and args.confirm_seeds:
-            eligible = [r for r in sweep_results if select_best([r], sweep_cfg) is not None]
+            eligible = [r for r in sweep_results if is_eligible(r, sweep_cfg)]
             eligible = sorted(eligible, key=lambda r: r.own_ssim.mean())[:4]
             fresh = list(range(200, 200 + args.confirm_seeds))
             confirm_cfg = run("CFG (confirmation seeds)", GuardConfig(method="cfg", guidance_scale=s), fresh)
