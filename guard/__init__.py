@@ -17,6 +17,7 @@ _EXPORTS = {
     "AttenuationSession": "attention",
     "GuardCrossAttnProcessor": "attention",
     "guard_guidance": "guidance",
+    "memorization_gate": "guidance",
     "cfg_guidance": "guidance",
     "combine_predictions": "guidance",
     "repulsion_weight": "guidance",

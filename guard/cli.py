@@ -46,6 +46,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _gate_value(text: str):
+    """A cosine in [-1, 1], or "off" to switch off a setting's memorization gate."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    value = _finite_float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a cosine in [-1, 1] or 'off', got {text!r}")
+    return value
+
+
 def is_testbed_folder(path: Path) -> bool:
     """A folder written by ``guard.testbed.train`` (pixel-space VAE, its own sampling settings)."""
     return (path / "memorized.json").is_file()
@@ -92,8 +102,10 @@ def _guard_config(args, is_testbed: bool):
     from .config import GuardConfig
 
     method = getattr(args, "method", "guard")  # `guard demo` has no --method: it always shows GUARD
-    if is_testbed and method == "guard":
-        config = testbed_guard_config(args.model)
+    if is_testbed:
+        # Every method at the testbed's guidance scale: the published 7.5 saturates a 32x32 model.
+        shipped = testbed_guard_config(args.model)
+        config = shipped if method == "guard" else GuardConfig.preset(method, guidance_scale=shipped.guidance_scale)
     else:
         config = GuardConfig.preset(method)
     overrides = {
@@ -101,8 +113,9 @@ def _guard_config(args, is_testbed: bool):
         "repulsion_scale": args.repulsion_scale,
         "spike_threshold": args.spike_threshold,
         "spike_scale": args.spike_scale,
+        "gate_cos_threshold": args.gate_cos_threshold,
     }
-    overrides = {key: value for key, value in overrides.items() if value is not None}
+    overrides = {key: (None if value == "off" else value) for key, value in overrides.items() if value is not None}
     try:
         return config.replace(**overrides)
     except (TypeError, ValueError) as error:
@@ -154,6 +167,8 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repulsion-scale", type=_finite_float, default=None)
     parser.add_argument("--spike-threshold", type=_finite_float, default=None)
     parser.add_argument("--spike-scale", type=_finite_float, default=None)
+    parser.add_argument("--gate-cos-threshold", type=_gate_value, default=None,
+                        help="GUARD's optional memorization gate (a cosine, or 'off'); see GuardConfig")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli")
 SCHEDULES = ("cosine", "linear", "sine", "constant")
@@ -57,6 +57,12 @@ class GuardConfig:
         at least one ``attn2`` module of the UNet it is installed on.
     orthogonalize, ortho_cos_threshold, ortho_coef_clip: the released code's optional removal of
         the repulsion direction from the attraction direction (GUARD_SPEC section 3).
+    gate_cos_threshold: "guard" only, off (None) by default and not part of the paper: a per-image
+        memorization gate. At the first step, an image whose attenuated and plain-prompt guidance
+        directions agree above this cosine (attenuating its spike tokens barely moves the
+        prediction, so nothing in the prompt dominates it) is guided by plain classifier-free
+        guidance for the whole run; the others get GUARD. It costs no UNet call: both
+        predictions are GUARD's own branches. See :func:`guard.guidance.memorization_gate`.
     bos_scale: "ren" only, the BOS logit factor c1 on the conditional rows.
     transition_timestep, early_guidance_scale: "jain" only; the early scale enters the same
         formula ``eps_u + scale * (eps_c - eps_u)`` as ``guidance_scale``, so 1.0 means no
@@ -74,6 +80,7 @@ class GuardConfig:
     orthogonalize: bool = False
     ortho_cos_threshold: float = 0.9
     ortho_coef_clip: float = 2.0
+    gate_cos_threshold: Optional[float] = None
     bos_scale: float = 1.25
     transition_timestep: float = 500.0
     early_guidance_scale: float = 1.0
@@ -101,6 +108,16 @@ class GuardConfig:
         # Negative is Jain et al.'s "opposite guidance".
         set_(self, "early_guidance_scale", _real("early_guidance_scale", self.early_guidance_scale, minimum=None))
         set_(self, "embedding_noise_scale", _real("embedding_noise_scale", self.embedding_noise_scale))
+        if self.gate_cos_threshold is not None:
+            gate = _real("gate_cos_threshold", self.gate_cos_threshold, minimum=-1.0)
+            if gate > 1.0:
+                raise ValueError(f"GuardConfig.gate_cos_threshold must be in [-1, 1] or None, got {gate}")
+            if self.method != "guard":
+                raise ValueError(
+                    f"GuardConfig.gate_cos_threshold needs method 'guard' (it compares GUARD's attenuated and "
+                    f"plain-prompt branches), got method {self.method!r}; leave it None"
+                )
+            set_(self, "gate_cos_threshold", gate)
         if not isinstance(self.orthogonalize, bool):
             raise TypeError(f"GuardConfig.orthogonalize must be a bool, got {self.orthogonalize!r}")
         set_(self, "blocks", _validate_blocks(self.blocks))

@@ -84,6 +84,7 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
                                 for k in ("background_ok", "colour_ok", "shape_ok")),
         })
 
+    gated = reports["GUARD"].guided_plain  # (prompts, seeds) or None: the memorization gate's decisions
     grid_rows, labels, captions = [], [], []
     for i, prompt in enumerate(prompts):
         reference = items[i].image if i < len(items) else np.ones_like(training[0])
@@ -91,12 +92,13 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
         for name in samples:
             for s in seed_list:
                 row.append(samples[name][i, s])
+                tag = f"{name}*" if name == "GUARD" and gated is not None and bool(gated[i, s]) else name
                 if i < len(items):
                     own = scores[name]["memorized"][i]["own_ssim"][s]
-                    caption.append(f"{name} SSIM {own:.2f}")
+                    caption.append(f"{tag} SSIM {own:.2f}")
                 else:
                     ok = scores[name]["plain"][i - len(items)]["per_image"][s]["all_ok"]
-                    caption.append(f"{name} {'aligned' if ok else 'off'}")
+                    caption.append(f"{tag} {'aligned' if ok else 'off'}")
         grid_rows.append(row)
         captions.append(caption)
         labels.append(prompt)
@@ -108,7 +110,13 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
 
     print(f"GUARD setting: s={guard_config.guidance_scale} r={guard_config.repulsion_scale} "
           f"({guard_config.repulsion_schedule}) tau={guard_config.spike_threshold} alpha={guard_config.spike_scale}"
-          f"{' orthogonalised' if guard_config.orthogonalize else ''}; CFG at s={cfg_config.guidance_scale}")
+          f"{' orthogonalised' if guard_config.orthogonalize else ''}"
+          f"{'' if gated is None else f' gate={guard_config.gate_cos_threshold}'}; CFG at s={cfg_config.guidance_scale}")
+    if gated is not None:
+        print(f"memorization gate: images whose first-step attenuated and plain guidance agree above cosine "
+              f"{guard_config.gate_cos_threshold} are guided by plain CFG (GUARD* in the picture): "
+              f"{int(gated[:len(items)].sum())} of {gated[:len(items)].numel()} memorized-prompt samples, "
+              f"{int(gated[len(items):].sum())} of {gated[len(items):].numel()} plain-prompt samples")
     print("(the published setting and a sweep on this model: docs/testbed_efficacy.md)")
     print(f"copy = own-image SSIM > {threshold}; {seeds} seeds, {steps} DDIM steps\n")
     print(_format_table(rows))

@@ -115,6 +115,23 @@ def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig
     return v_pos - shift.view(shape) * v_neg, cosine
 
 
+def memorization_gate(eps_u: torch.Tensor, eps_pos: torch.Tensor, eps_neg: torch.Tensor,
+                      config: GuardConfig) -> torch.Tensor:
+    """Per image, True where GUARD should guide it plain (``config.gate_cos_threshold``; no host sync).
+
+    An image is judged not memorized when its attenuated and plain-prompt guidance directions
+    agree above the threshold: attenuating its spike tokens barely moved the prediction. Call it
+    on the first step's predictions and pass the result to every step as ``plain_images``.
+    """
+    if not isinstance(config, GuardConfig):
+        raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
+    if config.gate_cos_threshold is None:
+        raise ValueError("memorization_gate needs a config with gate_cos_threshold set")
+    _check_predictions(eps_u=eps_u, eps_pos=eps_pos, eps_neg=eps_neg)
+    cosine = _alignment(eps_pos.float() - eps_u.float(), eps_neg.float() - eps_u.float())[1]
+    return cosine > config.gate_cos_threshold
+
+
 def guard_guidance(
     eps_u: torch.Tensor,
     eps_pos: torch.Tensor,
@@ -124,6 +141,7 @@ def guard_guidance(
     config: GuardConfig,
     *,
     return_norms: bool = False,
+    plain_images: torch.Tensor | None = None,
 ):
     """GUARD's guided prediction ``v_u + w_pos * v_pos - w_neg(i) * v_neg`` (GUARD_SPEC section 3).
 
@@ -133,6 +151,8 @@ def guard_guidance(
         step_index, num_steps: position in the sampling loop (0-based), for the repulsion schedule.
         config: a :class:`GuardConfig` with ``method="guard"``.
         return_norms: also return :class:`GuidanceNorms` (device tensors; no host sync).
+        plain_images: optional bool tensor (B,), e.g. from :func:`memorization_gate`; those images
+            get classifier-free guidance on the plain prompt, ``eps_u + s * v_neg``, instead.
 
     Returns ``eps_hat`` in the inputs' dtype, or ``(eps_hat, norms)``. With orthogonalisation the
     arithmetic runs in float32; without it, in the inputs' dtype, so that with ``repulsion_scale``
@@ -158,16 +178,32 @@ def guard_guidance(
         v_neg = eps_neg - eps_u
         eps_hat = eps_u + w_pos * v_pos - w_neg * v_neg
         cosine = None
+    if plain_images is not None:
+        plain = _image_mask(plain_images, eps_u)
+        cfg_hat = eps_u + w_pos * (eps_neg - eps_u)  # as cfg_guidance writes it: bit-for-bit CFG
+        eps_hat = torch.where(plain.view((-1,) + (1,) * (eps_u.dim() - 1)), cfg_hat, eps_hat)
     if not return_norms:
         return eps_hat
     if cosine is None:
         cosine = _alignment(v_pos, v_neg)[1]
-    norms = GuidanceNorms(
-        attraction=w_pos * _per_image_norm(v_pos),
-        repulsion=w_neg * _per_image_norm(v_neg),
-        cosine=cosine,
-    )
-    return eps_hat, norms
+    attraction = w_pos * _per_image_norm(v_pos)
+    repulsion = w_neg * _per_image_norm(v_neg)
+    if plain_images is not None:
+        attraction = torch.where(plain, w_pos * _per_image_norm(v_neg), attraction)
+        repulsion = torch.where(plain, torch.zeros_like(repulsion), repulsion)
+    return eps_hat, GuidanceNorms(attraction=attraction, repulsion=repulsion, cosine=cosine)
+
+
+def _image_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"plain_images must be a bool tensor, got {mask!r}")
+    if mask.shape != like.shape[:1]:
+        raise ValueError(
+            f"plain_images must have shape ({like.shape[0]},), one entry per image, got {tuple(mask.shape)}"
+        )
+    if mask.device != like.device:
+        raise ValueError(f"plain_images is on {mask.device} but the predictions are on {like.device}")
+    return mask
 
 
 def cfg_guidance(
@@ -237,12 +273,14 @@ def combine_predictions(
     *,
     timestep=None,
     return_norms: bool = False,
+    plain_images: torch.Tensor | None = None,
 ):
     """Split one UNet output into the method's row groups and guide.
 
     ``noise_pred`` holds ``config.branches`` equal groups stacked on dim 0, in the order
     unconditional, attenuated (or conditional), and for "guard" the plain-prompt group.
-    ``timestep`` (the scheduler's, a scalar) is needed by "jain" only.
+    ``timestep`` (the scheduler's, a scalar) is needed by "jain" only; ``plain_images`` ("guard"
+    only) is passed on to :func:`guard_guidance`.
     """
     if not isinstance(config, GuardConfig):
         raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
@@ -256,7 +294,10 @@ def combine_predictions(
         )
     if config.method == "guard":
         eps_u, eps_pos, eps_neg = noise_pred.chunk(3)
-        return guard_guidance(eps_u, eps_pos, eps_neg, step_index, num_steps, config, return_norms=return_norms)
+        return guard_guidance(eps_u, eps_pos, eps_neg, step_index, num_steps, config, return_norms=return_norms,
+                              plain_images=plain_images)
+    if plain_images is not None:
+        raise ValueError(f"plain_images needs method 'guard', got {config.method!r}")
     _step(step_index, num_steps)
     eps_u, eps_cond = noise_pred.chunk(2)
     if config.method == "jain":

@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import attenuate_cross_attention
 from .config import GuardConfig
-from .guidance import combine_predictions, repulsion_weight
+from .guidance import combine_predictions, memorization_gate, repulsion_weight
 from .report import GuardReport, position_labels, token_labels
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -234,6 +234,7 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
             session_scope = contextlib.nullcontext(None)
 
         norm_history: list[torch.Tensor] = []
+        plain_images = None  # GuardConfig.gate_cos_threshold's per-image decision, once made
         with session_scope as session, self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -248,8 +249,11 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
                     cross_attention_kwargs=cross_attention_kwargs,
                     return_dict=False,
                 )[0]
+                if config.gate_cos_threshold is not None and plain_images is None:  # decided on the first call
+                    plain_images = memorization_gate(*noise_pred.chunk(3), config)
                 noise_pred, norms = combine_predictions(
-                    noise_pred, min(i // order, total_steps - 1), total_steps, config, timestep=t, return_norms=True
+                    noise_pred, min(i // order, total_steps - 1), total_steps, config, timestep=t, return_norms=True,
+                    plain_images=plain_images,
                 )
                 norm_history.append(torch.stack(tuple(norms)))  # (3, rows), stays on the device
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -270,6 +274,7 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
 
         report = self._build_report(
             config, prompt, batch_size, num_images_per_prompt, num_keys, session, norm_history, total_steps, order,
+            plain_images,
         )  # fmt: skip
 
         if output_type != "latent":
@@ -286,7 +291,8 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
         return GuardPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, report=report)
 
     def _build_report(
-        self, config, prompt, batch_size, images_per_prompt, num_keys, session, norm_history, total_steps, order
+        self, config, prompt, batch_size, images_per_prompt, num_keys, session, norm_history, total_steps, order,
+        plain_images,
     ) -> GuardReport:
         """Move the loop's device-side records to the host (the run's only transfer of them)."""
         prompts, labels = self._prompt_token_labels(prompt, batch_size, num_keys)
@@ -323,4 +329,5 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
             attraction_norms=norms[:, 0],
             repulsion_norms=norms[:, 1],
             cosines=norms[:, 2],
+            guided_plain=None if plain_images is None else plain_images.cpu().view(batch_size, images_per_prompt),
         )

@@ -54,6 +54,8 @@ class GuardReport:
         rows. Its maximum per layer is ``num_steps * layer_heads[l] * images_per_prompt``.
     attraction_norms, repulsion_norms, cosines: (steps, prompts, images) float32; see
         :class:`guard.guidance.GuidanceNorms`.
+    guided_plain: (prompts, images) bool, the images that ``GuardConfig.gate_cos_threshold``
+        judged not memorized and guided with plain CFG; None when the gate is off.
     """
 
     config: GuardConfig
@@ -68,6 +70,7 @@ class GuardReport:
     attraction_norms: torch.Tensor
     repulsion_norms: torch.Tensor
     cosines: torch.Tensor
+    guided_plain: Optional[torch.Tensor] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -132,6 +135,7 @@ class GuardReport:
             "flagged_tokens": self.flagged_tokens,
             "flagged_layers": self.flagged_layers,
             "repulsion_weights": list(self.repulsion_weights),
+            "guided_plain": None if self.guided_plain is None else self.guided_plain.tolist(),
             "guidance_norms": {
                 name: [[_finite_or_none(x) for x in step] for step in values.mean(dim=2).tolist()]
                 for name, values in self.guidance_norms.items()
@@ -161,6 +165,10 @@ class GuardReport:
                 lines.append(f"  {token!r}: flagged {count}x{share} in {where}")
             if len(tokens) > max_tokens:
                 lines.append(f"  ... and {len(tokens) - max_tokens} more token(s)")
+            if self.guided_plain is not None:
+                plain = int(self.guided_plain[p].sum())
+                lines.append(f"  memorization gate (first-step cos > {self.config.gate_cos_threshold:g}): {plain} of "
+                             f"{self.images_per_prompt} image(s) guided plain, {self.images_per_prompt - plain} by GUARD")
         if self.num_steps:
             lines.append("step  w_neg   |attraction|  |repulsion|  cos(v_pos,v_neg)   (means over images)")
             attraction = self.attraction_norms.flatten(1).mean(dim=1).tolist()

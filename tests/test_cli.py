@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guard.cli import build_parser, main
+from guard.cli import _guard_config, build_parser, main
+from guard.testbed import default_guard_config
 from guard.visualize import enlarge, image_grid
 
 
@@ -36,9 +37,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 def test_demo_takes_setting_overrides(tmp_path, capsys):
     out = tmp_path / "demo.png"
     argv = ["demo", "--seeds", "1", "--steps", "2", "--out", str(out), "--spike-threshold", "3.5", "--spike-scale",
-            "0.4", "--repulsion-scale", "0.25"]
+            "0.4", "--repulsion-scale", "0.25", "--gate-cos-threshold", "0.9"]
     assert main(argv) == 0
-    assert "r=0.25 (cosine) tau=3.5 alpha=0.4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "r=0.25 (cosine) tau=3.5 alpha=0.4 gate=0.9" in printed
+    assert "memorization gate:" in printed and "of 5 memorized-prompt samples" in printed
 
 
 @pytest.mark.parametrize(
@@ -48,6 +51,7 @@ def test_demo_takes_setting_overrides(tmp_path, capsys):
         (["demo", "--repulsion-scale", "-1"], "repulsion_scale"),
         (["generate", "x", "--out", "sample.jpg"], "--out must name a .png file"),
         (["generate", "x", "--spike-scale", "-1"], "spike_scale must be >= 0"),
+        (["generate", "x", "--method", "cfg", "--gate-cos-threshold", "0.9"], "needs method 'guard'"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(argv, message, capsys):
@@ -69,6 +73,8 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path, capsys):
         ["generate", "x", "--images", "two"],
         ["generate", "x", "--guidance-scale", "nan"],
         ["demo", "--seeds", "-1"],
+        ["generate", "x", "--gate-cos-threshold", "1.5"],
+        ["generate", "x", "--gate-cos-threshold", "maybe"],
     ],
 )
 def test_bad_options_are_rejected_by_the_parser(argv, capsys):
@@ -87,3 +93,17 @@ def test_grid_layout_and_nearest_neighbour_enlargement():
     assert grid.size == (16, 16 + 2 * (8 + 16))
     with pytest.raises(ValueError, match="non-empty row"):
         image_grid([])
+
+
+def test_every_method_runs_at_the_testbed_guidance_scale_and_the_gate_can_be_set_or_switched_off():
+    shipped = default_guard_config()
+    parser = build_parser()
+    for method in ("cfg", "attenuation", "ren", "guard"):
+        config = _guard_config(parser.parse_args(["generate", "x", "--method", method]), is_testbed=True)
+        assert config.method == ("guard" if method == "guard" else config.method)
+        assert config.guidance_scale == shipped.guidance_scale  # not the published 7.5
+    assert _guard_config(parser.parse_args(["generate", "x", "--method", "cfg"]), is_testbed=False).guidance_scale == 7.5
+    gated = _guard_config(parser.parse_args(["generate", "x", "--gate-cos-threshold", "0.8"]), is_testbed=True)
+    assert gated.gate_cos_threshold == 0.8
+    off = _guard_config(parser.parse_args(["generate", "x", "--gate-cos-threshold", "off"]), is_testbed=True)
+    assert off.gate_cos_threshold is None and off.replace(gate_cos_threshold=shipped.gate_cos_threshold) == shipped

@@ -11,6 +11,7 @@ from guard.guidance import (
     cfg_guidance,
     combine_predictions,
     guard_guidance,
+    memorization_gate,
     repulsion_weight,
     transition_guidance,
 )
@@ -90,6 +91,10 @@ def test_config_is_frozen_and_replace_validates():
         ({"transition_timestep": float("nan")}, ValueError, "transition_timestep must be finite"),
         ({"early_guidance_scale": float("-inf")}, ValueError, "early_guidance_scale must be finite"),
         ({"embedding_noise_scale": -0.1}, ValueError, "embedding_noise_scale must be >= 0"),
+        ({"gate_cos_threshold": 1.01}, ValueError, r"gate_cos_threshold must be in \[-1, 1\]"),
+        ({"gate_cos_threshold": -1.5}, ValueError, "gate_cos_threshold must be >= -1"),
+        ({"gate_cos_threshold": "0.9"}, TypeError, "gate_cos_threshold must be a real number"),
+        ({"gate_cos_threshold": 0.9, "method": "attenuation"}, ValueError, "gate_cos_threshold needs method 'guard'"),
     ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, error, message):
@@ -241,3 +246,38 @@ def test_transition_guidance_switches_on_the_timestep():
         combine_predictions(torch.cat([eps_u, eps_c]), 0, 4, config)
     with pytest.raises(ValueError, match="timestep must be a scalar"):
         transition_guidance(eps_u, eps_c, torch.tensor([1, 2]), config)
+
+
+def test_memorization_gate_marks_images_whose_attenuation_barely_moves_the_prediction():
+    eps_u, eps_pos, eps_neg = _predictions(batch=3)
+    eps_pos = eps_pos.clone()
+    eps_pos[0] = eps_neg[0]  # attenuation changed nothing: cosine 1
+    eps_pos[1] = 2 * eps_u[1] - eps_neg[1]  # it reversed the guidance: cosine -1
+    eps_pos[2] = eps_neg[2] + 0.7 * (eps_pos[2] - eps_u[2])  # in between
+    v_pos, v_neg = (eps_pos[2] - eps_u[2]).flatten(), (eps_neg[2] - eps_u[2]).flatten()
+    cosine = float(v_pos @ v_neg / (v_pos.norm() * v_neg.norm()))
+    for threshold, third in ((cosine - 1e-3, True), (cosine + 1e-3, False)):
+        gate = memorization_gate(eps_u, eps_pos, eps_neg, GuardConfig(gate_cos_threshold=threshold))
+        assert gate.dtype == torch.bool and gate.tolist() == [True, False, third]
+    with pytest.raises(ValueError, match="gate_cos_threshold set"):
+        memorization_gate(eps_u, eps_pos, eps_neg, GuardConfig())
+
+
+def test_gated_images_get_plain_cfg_and_the_others_guard():
+    eps_u, eps_pos, eps_neg = _predictions(batch=3)
+    config = GuardConfig(guidance_scale=3.0, repulsion_scale=1.0, gate_cos_threshold=0.5)
+    plain = torch.tensor([True, False, True])
+    out, norms = guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, plain_images=plain, return_norms=True)
+    guard_only = guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config)
+    cfg = cfg_guidance(eps_u, eps_neg, 3.0)
+    assert torch.equal(out[plain], cfg[plain]) and torch.equal(out[~plain], guard_only[~plain])
+    assert norms.repulsion[plain].eq(0).all() and norms.repulsion[~plain].gt(0).all()
+    torch.testing.assert_close(norms.attraction[plain], 3.0 * (eps_neg - eps_u)[plain].flatten(1).norm(dim=1))
+    via_groups = combine_predictions(torch.cat([eps_u, eps_pos, eps_neg]), 0, 4, config, plain_images=plain)
+    assert torch.equal(via_groups, out)
+    with pytest.raises(TypeError, match="bool tensor"):
+        guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, plain_images=torch.ones(3))
+    with pytest.raises(ValueError, match="one entry per image"):
+        guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, plain_images=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs method 'guard'"):
+        combine_predictions(torch.cat([eps_u, eps_pos]), 0, 4, GuardConfig(method="cfg"), plain_images=plain)

@@ -343,3 +343,26 @@ def test_ren_ignores_blocks_it_does_not_use(tiny):
     torch.testing.assert_close(elsewhere, default, rtol=0, atol=0)
     with pytest.raises(ValueError, match="'down_blocks.9' matches no cross-attention"):
         run(pipe, GuardConfig(blocks=("down_blocks.9",)), num_inference_steps=2)
+
+
+def test_memorization_gate_decides_per_image_on_the_first_step(tiny):
+    pipe, _ = tiny
+    latents = initial_latents(4)
+    guard = run(pipe, GuardConfig(), latents=latents, num_images_per_prompt=2)
+    cfg = run(pipe, "cfg", latents=latents, num_images_per_prompt=2)
+    everyone = run(pipe, GuardConfig(gate_cos_threshold=-1.0), latents=latents, num_images_per_prompt=2)
+    nobody = run(pipe, GuardConfig(gate_cos_threshold=1.0), latents=latents, num_images_per_prompt=2)
+    assert everyone.report.guided_plain.all() and not nobody.report.guided_plain.any()
+    assert relative_error(everyone.images, cfg.images) <= 1e-5
+    assert torch.equal(nobody.images, guard.images)
+    # A threshold between the images' first-step cosines splits them, and each image follows its branch.
+    first = guard.report.cosines[0]
+    threshold = float(first.median())
+    mixed = run(pipe, GuardConfig(gate_cos_threshold=threshold), latents=latents, num_images_per_prompt=2)
+    plain = mixed.report.guided_plain
+    assert torch.equal(plain, first > threshold) and plain.any() and not plain.all()
+    flat = plain.flatten()
+    assert relative_error(mixed.images[flat], cfg.images[flat]) <= 1e-5
+    assert relative_error(mixed.images[~flat], guard.images[~flat]) <= 1e-5
+    assert f"cos > {threshold:g}" in mixed.report.summary()
+    assert mixed.report.to_dict()["guided_plain"] == plain.tolist()

@@ -62,30 +62,17 @@ def test_memorized_captions_copy_under_cfg(pipe):
     assert (own > copy_threshold()).mean() >= 0.75, own  # lands on its own training image for most seeds
 
 
-# The sweep's lowest-replication setting that keeps the memorized captions' content (its plain-prompt
-# alignment falls more than 15% below CFG's, so it is not the shipped default; docs/testbed_efficacy.md).
-STRONG = dict(spike_threshold=4.0, spike_scale=0.45, repulsion_scale=0.0)
-
-
-def test_spike_attenuation_at_tau_4_copies_markedly_less_and_keeps_the_caption(pipe):
+def test_guard_at_the_shipped_default_copies_markedly_less_and_keeps_the_caption(pipe):
     default = default_guard_config()
     items = memorized_items()
     cfg = GuardConfig(method="cfg", guidance_scale=default.guidance_scale)
-    strong = GuardConfig(guidance_scale=default.guidance_scale, **STRONG)
-    cfg_own, strong_own = _own_ssim(pipe, items, cfg), _own_ssim(pipe, items, strong)
+    cfg_own, guard_own = _own_ssim(pipe, items, cfg), _own_ssim(pipe, items, default)
     threshold = copy_threshold()
-    assert (strong_own > threshold).mean() <= (cfg_own > threshold).mean() - 0.3, (cfg_own, strong_own)
-    assert strong_own.mean() < cfg_own.mean() - 0.2, (cfg_own, strong_own)
-    aligned = [alignment(image, item.caption)["all_ok"] for item in items for image in _samples(pipe, item.caption, strong)]
-    assert np.mean(aligned) >= 0.6, aligned
-
-
-def test_guard_at_the_shipped_default_copies_no_more_than_cfg(pipe):
-    default = default_guard_config()
-    items = memorized_items()
-    cfg_own = _own_ssim(pipe, items, GuardConfig(method="cfg", guidance_scale=default.guidance_scale))
-    guard_own = _own_ssim(pipe, items, default)
-    assert guard_own.mean() <= cfg_own.mean() + 0.02, (cfg_own, guard_own)
+    assert (guard_own > threshold).mean() <= (cfg_own > threshold).mean() - 0.4, (cfg_own, guard_own)
+    assert guard_own.mean() < cfg_own.mean() - 0.3, (cfg_own, guard_own)
+    # The captions' content stays (shape caption right in 65% here; CFG: 77-80% in docs/testbed_efficacy.md).
+    aligned = [alignment(image, item.caption)["all_ok"] for item in items for image in _samples(pipe, item.caption, default)]
+    assert np.mean(aligned) >= 0.55, aligned
 
 
 def test_published_guard_breaks_the_copies(pipe):
@@ -105,10 +92,25 @@ def test_shipped_default_is_the_sweep_choice_and_leaves_plain_prompts_alone(pipe
     assert default.method == "guard" and default.repulsion_scale < default.guidance_scale
     record = json.loads((WEIGHTS_DIR / "guard_default.json").read_text())
     assert "alignment" in record["reason"] and record["copy_threshold"] == copy_threshold()
-    prompts = plain_prompts(4)
+    prompts = plain_prompts(6)
     aligned = {}
     for config in (GuardConfig(method="cfg", guidance_scale=default.guidance_scale), default):
         checks = [alignment(image, prompt) for prompt in prompts for image in _samples(pipe, prompt, config)]
-        assert np.mean([c["background_ok"] for c in checks]) >= 0.9, (config.method, checks)
+        assert np.mean([c["background_ok"] for c in checks]) >= 0.85, (config.method, checks)
         aligned[config.method] = np.mean([c["all_ok"] for c in checks])
-    assert aligned["cfg"] >= 0.9 and aligned["guard"] >= aligned["cfg"] - 0.35, aligned
+    assert aligned["cfg"] >= 0.9 and aligned["guard"] >= aligned["cfg"] - 0.15, aligned
+
+
+def test_the_memorization_gate_sends_plain_prompts_to_cfg_and_memorized_ones_to_guard(pipe):
+    default = default_guard_config()
+    if default.gate_cos_threshold is None:
+        pytest.fail("the shipped default has no memorization gate; this test describes the gated default")
+    memorized = [item.caption for item in memorized_items()[:2]]
+    plain = plain_prompts(2)
+    gates = {}
+    for kind, prompts in (("memorized", memorized), ("plain", plain)):
+        generators = [torch.Generator().manual_seed(s) for _ in prompts for s in SEEDS]
+        report = pipe(prompts, num_inference_steps=1, num_images_per_prompt=len(SEEDS), generator=generators,
+                      guard_config=default, output_type="latent").report
+        gates[kind] = report.guided_plain.float().mean().item()
+    assert gates["plain"] >= 0.75 and gates["memorized"] <= 0.4, gates

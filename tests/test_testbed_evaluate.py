@@ -1,10 +1,11 @@
-"""The testbed's selection rule: lowest replication among settings within 15% of CFG's alignment."""
+"""The testbed's selection rule (lowest replication among settings within 15% of CFG's alignment) and its CLI."""
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
-from guard.testbed.evaluate import is_eligible, select_best
+from guard.testbed.evaluate import is_eligible, main, select_best
 
 
 def _result(name, own, memorized, plain):
@@ -21,3 +22,10 @@ def test_lowest_replication_within_the_alignment_budget_wins():
     assert [is_eligible(r, cfg) for r in (keeps, better, breaks_plain, breaks_memorized)] == [True, True, False, False]
     assert select_best([keeps, breaks_plain, better, breaks_memorized], cfg) is better
     assert select_best([breaks_plain, breaks_memorized], cfg) is None
+
+
+@pytest.mark.parametrize("argv", [["--sweep-gate", "none,x"], ["--sweep-r", "none"], ["--sweep-tau", "4,"]])
+def test_bad_sweep_grids_are_refused_before_any_sampling(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "must be comma-separated numbers" in capsys.readouterr().err

@@ -68,6 +68,13 @@ def flagged_shares(report, prompt_index: int) -> dict[str, float]:
     return {token: count / (checks * labels.count(token)) for token, count in totals.items()}
 
 
+def _gated(report, prompts: int, seeds: int) -> np.ndarray:
+    """(prompts, seeds) 1.0 where the memorization gate guided the image plain (all 0 without a gate)."""
+    if report.guided_plain is None:
+        return np.zeros((prompts, seeds))
+    return report.guided_plain.numpy().astype(np.float64)
+
+
 def _interval(values) -> tuple[float, float]:
     """Mean and 95% t-interval half-width."""
     from ..evaluation.stats import mean_interval
@@ -96,6 +103,8 @@ class MethodResult:
     plain_background: np.ndarray
     plain_colour: np.ndarray
     plain_shape: np.ndarray
+    memorized_gated: np.ndarray = field(repr=False, default=None)  # (items, seeds) guided plain by the gate
+    plain_gated: np.ndarray = field(repr=False, default=None)
     memorized_images: np.ndarray = field(repr=False, default=None)
     plain_images: np.ndarray = field(repr=False, default=None)
     memorized_flags: list = field(default_factory=list)
@@ -137,6 +146,8 @@ def evaluate_method(pipe, name: str, config: GuardConfig, items: list[MemorizedI
         plain_background=per_image(plain_scores, "background_ok"),
         plain_colour=per_image(plain_scores, "colour_ok"),
         plain_shape=per_image(plain_scores, "shape_ok"),
+        memorized_gated=_gated(memorized_report, len(items), len(seeds)),
+        plain_gated=_gated(plain_report, len(plain), len(seeds)),
         memorized_images=memorized_images, plain_images=plain_images,
         memorized_flags=[flagged_shares(memorized_report, i) for i in range(len(items))],
         plain_flags=[flagged_shares(plain_report, i) for i in range(len(plain))],
@@ -209,21 +220,25 @@ def _describe(config: GuardConfig) -> str:
         text += f" r={config.repulsion_scale:g}"
         if config.orthogonalize:
             text += " ortho"
+        if config.gate_cos_threshold is not None:
+            text += f" gate={config.gate_cos_threshold:g}"
     return text
 
 
 def results_table(results: list[MethodResult]) -> str:
     """Markdown table: replication and alignment per method (mean ± 95% t-interval half-width)."""
     lines = ["| method | setting | own SSIM ↓ | nearest SSIM ↓ | copies ↓ | nearest = own ↓ | memorized aligned ↑ "
-             "| plain aligned ↑ | plain bg / colour / shape |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| plain aligned ↑ | plain bg / colour / shape | gated plain: memorized / plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r.summary()
+        gated = ("–" if r.config.gate_cos_threshold is None
+                 else f"{100 * r.memorized_gated.mean():.0f} / {100 * r.plain_gated.mean():.0f}%")
         lines.append(
             f"| {r.name} | {_describe(r.config)} | {_fmt(s['own_ssim'])} | {_fmt(s['nearest_ssim'])} "
             f"| {_fmt(s['copied'], True)} | {_fmt(s['nearest_is_own'], True)} | {_fmt(s['memorized_alignment'], True)} "
             f"| {_fmt(s['plain_alignment'], True)} | {100 * s['plain_background'][0]:.0f} / "
-            f"{100 * s['plain_colour'][0]:.0f} / {100 * s['plain_shape'][0]:.0f}% |")
+            f"{100 * s['plain_colour'][0]:.0f} / {100 * s['plain_shape'][0]:.0f}% | {gated} |")
     return "\n".join(lines)
 
 
@@ -278,8 +293,10 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--sweep", action="store_true", help="also run the small tau/alpha/r sweep")
     parser.add_argument("--sweep-tau", default="2,4", help="spike thresholds of the sweep")
-    parser.add_argument("--sweep-alpha", default="0.3,0.45,0.6", help="spike scales of the sweep")
-    parser.add_argument("--sweep-r", default="0,0.5,0.75,1", help="repulsion scales of the sweep (below s)")
+    parser.add_argument("--sweep-alpha", default="0.3,0.45", help="spike scales of the sweep")
+    parser.add_argument("--sweep-r", default="0,0.5,1", help="repulsion scales of the sweep (below s)")
+    parser.add_argument("--sweep-gate", default="none,0.9,0.95",
+                        help="memorization-gate cosines of the sweep ('none': no gate; GuardConfig.gate_cos_threshold)")
     parser.add_argument("--confirm-seeds", type=int, default=0,
                         help="re-measure the sweep's eligible settings (best 4) on this many fresh seeds and choose "
                              "there, so that the choice does not ride on the sweep's few seeds (0: choose in the sweep)")
@@ -294,9 +311,11 @@ def main(argv=None) -> int:
     if args.confirm_seeds < 0:
         parser.error("--confirm-seeds must be >= 0")
     grid = {}
-    for name in ("sweep_tau", "sweep_alpha", "sweep_r"):
+    for name in ("sweep_tau", "sweep_alpha", "sweep_r", "sweep_gate"):
         try:
-            grid[name] = [float(v) for v in getattr(args, name).split(",")]
+            grid[name] = [None if v.strip() == "none" else float(v) for v in getattr(args, name).split(",")]
+            if name != "sweep_gate" and None in grid[name]:
+                raise ValueError
         except ValueError:
             parser.error(f"--{name.replace('_', '-')} must be comma-separated numbers, got {getattr(args, name)!r}")
     torch.set_num_threads(args.threads)
@@ -346,8 +365,11 @@ def main(argv=None) -> int:
         for tau in grid["sweep_tau"]:
             for alpha in grid["sweep_alpha"]:
                 for r in grid["sweep_r"]:
-                    config = GuardConfig(guidance_scale=s, spike_threshold=tau, spike_scale=alpha, repulsion_scale=r)
-                    sweep_results.append(run(f"sweep tau={tau:g} a={alpha:g} r={r:g}", config, sweep_seeds))
+                    for gate in grid["sweep_gate"]:
+                        config = GuardConfig(guidance_scale=s, spike_threshold=tau, spike_scale=alpha,
+                                             repulsion_scale=r, gate_cos_threshold=gate)
+                        name = f"sweep tau={tau:g} a={alpha:g} r={r:g}" + ("" if gate is None else f" gate={gate:g}")
+                        sweep_results.append(run(name, config, sweep_seeds))
         best = select_best(sweep_results, sweep_cfg)
         if best is not None and args.confirm_seeds:
             eligible = [r for r in sweep_results if is_eligible(r, sweep_cfg)]
