@@ -180,16 +180,17 @@ def guard_guidance(
         cosine = None
     if plain_images is not None:
         plain = _image_mask(plain_images, eps_u)
-        cfg_hat = eps_u + w_pos * (eps_neg - eps_u)  # as cfg_guidance writes it: bit-for-bit CFG
-        eps_hat = torch.where(plain.view((-1,) + (1,) * (eps_u.dim() - 1)), cfg_hat, eps_hat)
+        per_image = plain.view((-1,) + (1,) * (eps_u.dim() - 1))
+        eps_hat = torch.where(per_image, cfg_guidance(eps_u, eps_neg, w_pos), eps_hat)
     if not return_norms:
         return eps_hat
     if cosine is None:
         cosine = _alignment(v_pos, v_neg)[1]
+    neg_norm = _per_image_norm(v_neg)
     attraction = w_pos * _per_image_norm(v_pos)
-    repulsion = w_neg * _per_image_norm(v_neg)
+    repulsion = w_neg * neg_norm
     if plain_images is not None:
-        attraction = torch.where(plain, w_pos * _per_image_norm(v_neg), attraction)
+        attraction = torch.where(plain, w_pos * neg_norm, attraction)
         repulsion = torch.where(plain, torch.zeros_like(repulsion), repulsion)
     return eps_hat, GuidanceNorms(attraction=attraction, repulsion=repulsion, cosine=cosine)
 
