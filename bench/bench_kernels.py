@@ -245,5 +245,7 @@ if pytest is not None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python bench/bench_kernels.py RESULTS.json  (a pytest-benchmark --benchmark-json file)")
+        raise SystemExit(
+            "usage: python bench/bench_kernels.py RESULTS.json  (a pytest-benchmark --benchmark-json file)"
+        )
     print(summarize(sys.argv[1]))

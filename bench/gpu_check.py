@@ -55,9 +55,8 @@ def main(argv=None) -> dict:
         if not args.dry_run:
             raise SystemExit("no CUDA device: run with --dry-run to exercise the script on the CPU")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before guard_kernels.triton_fused is imported
-    import triton
-
     import bench_kernels as bk
+    import triton
 
     out_dir = Path(args.out or os.environ.get("OUT") or "gpu_results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +92,10 @@ def main(argv=None) -> dict:
         ("correctness", lambda: stage_correctness(bk, shapes, device, results["correctness"], args.dry_run)),
         ("benchmark", lambda: stage_benchmark(bk, shapes, batches, device, timer, results["benchmark"])),
         ("configs", lambda: stage_configs(bk, shapes, device, timer, results["configs"], args.dry_run)),
-        ("unet16", lambda: results["unet16"].update(stage_unet16(bk, by_name, unet_layers, guard_layers, device, timer))),
+        (
+            "unet16",
+            lambda: results["unet16"].update(stage_unet16(bk, by_name, unet_layers, guard_layers, device, timer)),
+        ),
     ]
     for name, stage in stages:
         elapsed = time.perf_counter() - started
@@ -283,7 +285,9 @@ def time_providers(bk, shape, batch, dtype, device, timer, providers=None):
         fn()  # compile outside the timing
         seconds = timer(fn)
         nbytes = bk.minimal_bytes(shape, batch, dtype, provider in bk.STATS_PROVIDERS)
-        row[provider] = dict(us=seconds * 1e6, gb_per_s=nbytes / seconds / 1e9, peak_extra_bytes=bk.peak_extra_memory(fn))
+        row[provider] = dict(
+            us=seconds * 1e6, gb_per_s=nbytes / seconds / 1e9, peak_extra_bytes=bk.peak_extra_memory(fn)
+        )
     if "sdpa" in row:
         for provider in bk.PROVIDERS:
             if provider in row:
@@ -425,7 +429,10 @@ def render_markdown(results) -> str:
     checks = results["correctness"]
     if checks:
         bad = [row["case"] for row in checks if not row["ok"]]
-        lines += [f"## Correctness: {len(checks) - len(bad)}/{len(checks)} ok" + (f" (failed: {bad})" if bad else ""), ""]
+        lines += [
+            f"## Correctness: {len(checks) - len(bad)}/{len(checks)} ok" + (f" (failed: {bad})" if bad else ""),
+            "",
+        ]
         header = ["case", "ok", "out err:", "torch-at-dtype err:", "out rel:", "max_logit rel:", "mass rel:",
                   "spikes:", "mismatches:", "deterministic", "stats off == on"]  # fmt: skip
         keys = ("out_err", "torch_err", "out_rel", "max_logit_rel", "mass_rel")

@@ -89,7 +89,9 @@ def _token_tensor(name: str, value: Optional[torch.Tensor]) -> Optional[torch.Te
     if value is None:
         return None
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 2:
-        raise TypeError(f"{name} must be None or a float tensor of shape (UNet batch, num_tokens), got {_describe(value)}")
+        raise TypeError(
+            f"{name} must be None or a float tensor of shape (UNet batch, num_tokens), got {_describe(value)}"
+        )
     return value
 
 

@@ -156,8 +156,9 @@ def cmd_demo(args) -> int:
     if args.model is not None and not is_testbed_folder(Path(args.model).expanduser()):
         raise CLIError(f"--model must be a testbed folder written by guard.testbed.train, got {args.model}")
     config = _guard_config(args, is_testbed=True)  # the folder's recorded setting with any overrides
-    run_demo(out=Path(args.out), seeds=args.seeds, steps=args.steps, device=args.device, model=args.model,
-             config=config)
+    run_demo(
+        out=Path(args.out), seeds=args.seeds, steps=args.steps, device=args.device, model=args.model, config=config
+    )
     return 0
 
 
@@ -167,8 +168,12 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repulsion-scale", type=_finite_float, default=None)
     parser.add_argument("--spike-threshold", type=_finite_float, default=None)
     parser.add_argument("--spike-scale", type=_finite_float, default=None)
-    parser.add_argument("--gate-cos-threshold", type=_gate_value, default=None,
-                        help="GUARD's optional memorization gate (a cosine, or 'off'); see GuardConfig")
+    parser.add_argument(
+        "--gate-cos-threshold",
+        type=_gate_value,
+        default=None,
+        help="GUARD's optional memorization gate (a cosine, or 'off'); see GuardConfig",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+
 import numpy as np
 
 #: Plain prompts shown beside the memorized ones: enough to see GUARD leave them alone.
@@ -24,12 +25,15 @@ def _format_table(rows: list[dict]) -> str:
     header = ("prompt set", "method", "own SSIM", "nearest SSIM", "copies", "aligned", "bg / colour / shape")
     lines = [" | ".join(header), " | ".join("-" * len(h) for h in header)]
     for row in rows:
-        lines.append(" | ".join(str(row[key]) for key in ("set", "method", "own", "nearest", "copies", "aligned", "parts")))
+        lines.append(
+            " | ".join(str(row[key]) for key in ("set", "method", "own", "nearest", "copies", "aligned", "parts"))
+        )
     return "\n".join(lines)
 
 
-def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", model: Optional[str] = None,
-             config=None) -> dict:
+def run_demo(
+    out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", model: Optional[str] = None, config=None
+) -> dict:
     """Sample, score, draw and print; returns the scores (used by the tests).
 
     ``model``: a testbed folder (default: the shipped one); ``config``: the GUARD setting (default:
@@ -37,11 +41,10 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
     """
     from .cli import load_guard_pipeline, testbed_guard_config
     from .config import GuardConfig
-    from .testbed import memorized_items, plain_prompts
     from .report import PAD_LABEL
+    from .testbed import memorized_items, plain_prompts
     from .testbed.defaults import copy_threshold
-    from .testbed.evaluate import (alignment_rates, choose_copy_threshold, flagged_shares, sample_images,
-                                   score_samples)
+    from .testbed.evaluate import alignment_rates, choose_copy_threshold, flagged_shares, sample_images, score_samples
     from .visualize import image_grid
 
     pipe = load_guard_pipeline(model, device=device)
@@ -68,21 +71,33 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
         plain_checks = [alignment_rates(samples[name][len(items) + i], p) for i, p in enumerate(plain)]
         scores[name] = {"memorized": memorized, "plain": plain_checks}
         mem_align = [m["alignment"] for m in memorized]
-        rows.append({
-            "set": "memorized", "method": name,
-            "own": f"{_mean([m['own_ssim'] for m in memorized]):.2f}",
-            "nearest": f"{_mean([m['nearest_ssim'] for m in memorized]):.2f}",
-            "copies": f"{100 * _mean([m['copied'] for m in memorized]):.0f}%",
-            "aligned": f"{100 * _mean([a['all_ok'] for a in mem_align]):.0f}%",
-            "parts": " / ".join(f"{100 * _mean([a[k] for a in mem_align]):.0f}%"
-                                for k in ("background_ok", "colour_ok", "shape_ok")),
-        })
-        rows.append({
-            "set": "plain", "method": name, "own": "-", "nearest": "-", "copies": "-",
-            "aligned": f"{100 * _mean([a['all_ok'] for a in plain_checks]):.0f}%",
-            "parts": " / ".join(f"{100 * _mean([a[k] for a in plain_checks]):.0f}%"
-                                for k in ("background_ok", "colour_ok", "shape_ok")),
-        })
+        rows.append(
+            {
+                "set": "memorized",
+                "method": name,
+                "own": f"{_mean([m['own_ssim'] for m in memorized]):.2f}",
+                "nearest": f"{_mean([m['nearest_ssim'] for m in memorized]):.2f}",
+                "copies": f"{100 * _mean([m['copied'] for m in memorized]):.0f}%",
+                "aligned": f"{100 * _mean([a['all_ok'] for a in mem_align]):.0f}%",
+                "parts": " / ".join(
+                    f"{100 * _mean([a[k] for a in mem_align]):.0f}%" for k in ("background_ok", "colour_ok", "shape_ok")
+                ),
+            }
+        )
+        rows.append(
+            {
+                "set": "plain",
+                "method": name,
+                "own": "-",
+                "nearest": "-",
+                "copies": "-",
+                "aligned": f"{100 * _mean([a['all_ok'] for a in plain_checks]):.0f}%",
+                "parts": " / ".join(
+                    f"{100 * _mean([a[k] for a in plain_checks]):.0f}%"
+                    for k in ("background_ok", "colour_ok", "shape_ok")
+                ),
+            }
+        )
 
     gated = reports["GUARD"].guided_plain  # (prompts, seeds) or None: the memorization gate's decisions
     grid_rows, labels, captions = [], [], []
@@ -105,18 +120,23 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
     columns = ["training"] + [f"{name} seed {s}" for name in samples for s in seed_list]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(grid_rows, cell=96, row_labels=labels, column_labels=columns, captions=captions,
-               label_width=150).save(out)
+    image_grid(grid_rows, cell=96, row_labels=labels, column_labels=columns, captions=captions, label_width=150).save(
+        out
+    )
 
-    print(f"GUARD setting: s={guard_config.guidance_scale} r={guard_config.repulsion_scale} "
-          f"({guard_config.repulsion_schedule}) tau={guard_config.spike_threshold} alpha={guard_config.spike_scale}"
-          f"{' orthogonalised' if guard_config.orthogonalize else ''}"
-          f"{'' if gated is None else f' gate={guard_config.gate_cos_threshold}'}; CFG at s={cfg_config.guidance_scale}")
+    print(
+        f"GUARD setting: s={guard_config.guidance_scale} r={guard_config.repulsion_scale} "
+        f"({guard_config.repulsion_schedule}) tau={guard_config.spike_threshold} alpha={guard_config.spike_scale}"
+        f"{' orthogonalised' if guard_config.orthogonalize else ''}"
+        f"{'' if gated is None else f' gate={guard_config.gate_cos_threshold}'}; CFG at s={cfg_config.guidance_scale}"
+    )
     if gated is not None:
-        print(f"memorization gate: images whose first-step attenuated and plain guidance agree above cosine "
-              f"{guard_config.gate_cos_threshold} are guided by plain CFG (GUARD* in the picture): "
-              f"{int(gated[:len(items)].sum())} of {gated[:len(items)].numel()} memorized-prompt samples, "
-              f"{int(gated[len(items):].sum())} of {gated[len(items):].numel()} plain-prompt samples")
+        print(
+            f"memorization gate: images whose first-step attenuated and plain guidance agree above cosine "
+            f"{guard_config.gate_cos_threshold} are guided by plain CFG (GUARD* in the picture): "
+            f"{int(gated[: len(items)].sum())} of {gated[: len(items)].numel()} memorized-prompt samples, "
+            f"{int(gated[len(items) :].sum())} of {gated[len(items) :].numel()} plain-prompt samples"
+        )
     print("(the published setting and a sweep on this model: docs/testbed_efficacy.md)")
     print(f"copy = own-image SSIM > {threshold}; {seeds} seeds, {steps} DDIM steps\n")
     print(_format_table(rows))
@@ -129,4 +149,3 @@ def run_demo(out: Path, seeds: int = 4, steps: int = 25, device: str = "cpu", mo
         print(f"  {prompt!r}: {listed}; {PAD_LABEL} {100 * shares.get(PAD_LABEL, 0.0):.0f}%")
     print(f"\nwrote {out}")
     return {"scores": scores, "rows": rows, "out": out}
-

@@ -39,9 +39,7 @@ def _step(step_index, num_steps) -> tuple[int, int]:
         steps = operator.index(num_steps)
         index = operator.index(step_index)
     except TypeError:
-        raise TypeError(
-            f"step_index and num_steps must be integers, got {step_index!r} and {num_steps!r}"
-        ) from None
+        raise TypeError(f"step_index and num_steps must be integers, got {step_index!r} and {num_steps!r}") from None
     if isinstance(num_steps, bool) or isinstance(step_index, bool):
         raise TypeError("step_index and num_steps must be integers, not bools")
     if steps < 1:
@@ -115,8 +113,9 @@ def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig
     return v_pos - shift.view(shape) * v_neg, cosine
 
 
-def memorization_gate(eps_u: torch.Tensor, eps_pos: torch.Tensor, eps_neg: torch.Tensor,
-                      config: GuardConfig) -> torch.Tensor:
+def memorization_gate(
+    eps_u: torch.Tensor, eps_pos: torch.Tensor, eps_neg: torch.Tensor, config: GuardConfig
+) -> torch.Tensor:
     """Per image, True where GUARD should guide it plain (``config.gate_cos_threshold``; no host sync).
 
     An image is judged not memorized when its attenuated and plain-prompt guidance directions
@@ -295,8 +294,9 @@ def combine_predictions(
         )
     if config.method == "guard":
         eps_u, eps_pos, eps_neg = noise_pred.chunk(3)
-        return guard_guidance(eps_u, eps_pos, eps_neg, step_index, num_steps, config, return_norms=return_norms,
-                              plain_images=plain_images)
+        return guard_guidance(
+            eps_u, eps_pos, eps_neg, step_index, num_steps, config, return_norms=return_norms, plain_images=plain_images
+        )
     if plain_images is not None:
         raise ValueError(f"plain_images needs method 'guard', got {config.method!r}")
     _step(step_index, num_steps)

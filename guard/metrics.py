@@ -86,9 +86,16 @@ def replication(images, own_image, training_images, copy_threshold: float) -> di
     nearest = matrix.max(axis=1)
     nearest_is_own = matrix.argmax(axis=1) == own_index
     copies = own > copy_threshold
-    return dict(own_ssim=own, nearest_ssim=nearest, nearest_is_own=nearest_is_own, copied=copies,
-                mean_own_ssim=float(own.mean()), mean_nearest_ssim=float(nearest.mean()),
-                copy_rate=float(copies.mean()), nearest_is_own_rate=float(nearest_is_own.mean()))
+    return dict(
+        own_ssim=own,
+        nearest_ssim=nearest,
+        nearest_is_own=nearest_is_own,
+        copied=copies,
+        mean_own_ssim=float(own.mean()),
+        mean_nearest_ssim=float(nearest.mean()),
+        copy_rate=float(copies.mean()),
+        nearest_is_own_rate=float(nearest_is_own.mean()),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +148,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 def _template(shape: str, top: int, bottom: int, left: int, right: int, size: tuple[int, int]) -> np.ndarray:
     """The shape drawn to fill a bounding box (inclusive pixel bounds)."""
-    y, x = np.mgrid[0:size[0], 0:size[1]].astype(np.float32) + 0.5
+    y, x = np.mgrid[0 : size[0], 0 : size[1]].astype(np.float32) + 0.5
     y0, y1, x0, x1 = top, bottom + 1, left, right + 1
     cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
     ry, rx = max((y1 - y0) / 2, 0.5), max((x1 - x0) / 2, 0.5)
@@ -175,7 +182,7 @@ def read_shape_image(image) -> ShapeReading:
         raise ValueError(f"image must be (H, W, 3), got shape {image.shape}")
     h, w, _ = image.shape
     border = np.ones((h, w), dtype=bool)
-    border[BORDER:h - BORDER, BORDER:w - BORDER] = False
+    border[BORDER : h - BORDER, BORDER : w - BORDER] = False
     background = nearest_colour(np.median(image[border], axis=0))
     labels = _colour_labels(image)
     best_mask, best_colour = None, None
@@ -207,9 +214,16 @@ def alignment(image, prompt: str) -> dict:
         raise ValueError(f"prompt must contain 'a <colour> <shape> on a <colour> background', got {prompt!r}")
     colour, shape, background = expected
     reading = read_shape_image(image)
-    result = dict(expected_colour=colour, expected_shape=shape, expected_background=background,
-                  colour=reading.colour, shape=reading.shape, background=reading.background,
-                  background_ok=reading.background == background, colour_ok=reading.colour == colour,
-                  shape_ok=reading.shape == shape)
+    result = dict(
+        expected_colour=colour,
+        expected_shape=shape,
+        expected_background=background,
+        colour=reading.colour,
+        shape=reading.shape,
+        background=reading.background,
+        background_ok=reading.background == background,
+        colour_ok=reading.colour == colour,
+        shape_ok=reading.shape == shape,
+    )
     result["all_ok"] = result["background_ok"] and result["colour_ok"] and result["shape_ok"]
     return result

@@ -53,9 +53,7 @@ def _resolve_config(guard_config, guidance_scale) -> GuardConfig:
     elif isinstance(guard_config, GuardConfig):
         config = guard_config
     else:
-        raise TypeError(
-            f"guard_config must be a GuardConfig, a preset name or None, got {type(guard_config).__name__}"
-        )
+        raise TypeError(f"guard_config must be a GuardConfig, a preset name or None, got {type(guard_config).__name__}")
     if guidance_scale is not None:
         config = config.replace(guidance_scale=guidance_scale)
     return config
@@ -252,7 +250,12 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
                 if config.gate_cos_threshold is not None and plain_images is None:  # decided on the first call
                     plain_images = memorization_gate(*noise_pred.chunk(3), config)
                 noise_pred, norms = combine_predictions(
-                    noise_pred, min(i // order, total_steps - 1), total_steps, config, timestep=t, return_norms=True,
+                    noise_pred,
+                    min(i // order, total_steps - 1),
+                    total_steps,
+                    config,
+                    timestep=t,
+                    return_norms=True,
                     plain_images=plain_images,
                 )
                 norm_history.append(torch.stack(tuple(norms)))  # (3, rows), stays on the device
@@ -291,7 +294,16 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
         return GuardPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, report=report)
 
     def _build_report(
-        self, config, prompt, batch_size, images_per_prompt, num_keys, session, norm_history, total_steps, order,
+        self,
+        config,
+        prompt,
+        batch_size,
+        images_per_prompt,
+        num_keys,
+        session,
+        norm_history,
+        total_steps,
+        order,
         plain_images,
     ) -> GuardReport:
         """Move the loop's device-side records to the host (the run's only transfer of them)."""
@@ -323,7 +335,9 @@ class StableDiffusionGuardPipeline(StableDiffusionPipeline):
             images_per_prompt=images_per_prompt,
             num_steps=steps_run,
             repulsion_weights=[
-                repulsion_weight(min(i // order, total_steps - 1), total_steps, config) if config.method == "guard" else 0.0
+                repulsion_weight(min(i // order, total_steps - 1), total_steps, config)
+                if config.method == "guard"
+                else 0.0
                 for i in range(steps_run)
             ],
             attraction_norms=norms[:, 0],

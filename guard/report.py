@@ -144,8 +144,10 @@ class GuardReport:
 
     def summary(self, max_tokens: int = 8) -> str:
         """A readable multi-line account: flagged tokens per prompt, then the guidance norms."""
-        lines = [f"GUARD report: method={self.method}, {self.num_steps} steps, "
-                 f"{self.images_per_prompt} image(s) per prompt, {len(self.layer_names)} attenuated layer(s)"]
+        lines = [
+            f"GUARD report: method={self.method}, {self.num_steps} steps, "
+            f"{self.images_per_prompt} image(s) per prompt, {len(self.layer_names)} attenuated layer(s)"
+        ]
         checks = self.checks_per_prompt
         for p, prompt in enumerate(self.prompts):
             lines.append(f"prompt {p}: {prompt!r}" if prompt is not None else f"prompt {p}: (embeddings)")
@@ -167,8 +169,10 @@ class GuardReport:
                 lines.append(f"  ... and {len(tokens) - max_tokens} more token(s)")
             if self.guided_plain is not None:
                 plain = int(self.guided_plain[p].sum())
-                lines.append(f"  memorization gate (first-step cos > {self.config.gate_cos_threshold:g}): {plain} of "
-                             f"{self.images_per_prompt} image(s) guided plain, {self.images_per_prompt - plain} by GUARD")
+                lines.append(
+                    f"  memorization gate (first-step cos > {self.config.gate_cos_threshold:g}): {plain} of "
+                    f"{self.images_per_prompt} image(s) guided plain, {self.images_per_prompt - plain} by GUARD"
+                )
         if self.num_steps:
             lines.append("step  w_neg   |attraction|  |repulsion|  cos(v_pos,v_neg)   (means over images)")
             attraction = self.attraction_norms.flatten(1).mean(dim=1).tolist()

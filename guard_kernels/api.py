@@ -64,7 +64,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"(B={batch}, Nk, H={heads}, D={head_dim})"
         )
     if num_queries < 1 or k.shape[1] < 1 or head_dim < 1:
-        raise ValueError(f"q and k need at least one query, key and channel, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k need at least one query, key and channel, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
 
 
 def _token_tensor(name: str, value, batch: int, heads: int, num_keys: int, device, dtype) -> Optional[torch.Tensor]:
@@ -91,7 +93,9 @@ def _spike_rows(value, batch: int, device) -> Optional[torch.Tensor]:
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"spike_rows must be None or a bool tensor of shape (B,)=({batch},), got {type(value).__name__}")
+        raise TypeError(
+            f"spike_rows must be None or a bool tensor of shape (B,)=({batch},), got {type(value).__name__}"
+        )
     if value.dtype != torch.bool:
         raise TypeError(f"spike_rows must be a bool tensor of shape (B,)=({batch},), got dtype {value.dtype}")
     if tuple(value.shape) != (batch,):

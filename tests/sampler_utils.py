@@ -298,9 +298,7 @@ def eager_related_latents(
     if method == "ren":
         ids = tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True).input_ids
         eos = {n + i: row.index(tokenizer.eos_token_id) for i, row in enumerate(ids)}
-        unet.set_attn_processor(
-            {k: EagerRenAttention(eos, c1) if ".attn2." in k else p for k, p in originals.items()}
-        )
+        unet.set_attn_processor({k: EagerRenAttention(eos, c1) if ".attn2." in k else p for k, p in originals.items()})
     try:
         scheduler.set_timesteps(num_steps)
         x = latents * scheduler.init_noise_sigma

@@ -11,7 +11,9 @@ from guard.visualize import enlarge, image_grid
 
 def test_generate_writes_an_enlarged_png_and_reports_tokens(tmp_path, capsys):
     out = tmp_path / "sample.png"
-    assert main(["generate", "a red circle on a blue background", "--steps", "2", "--images", "2", "--out", str(out)]) == 0
+    assert (
+        main(["generate", "a red circle on a blue background", "--steps", "2", "--images", "2", "--out", str(out)]) == 0
+    )
     image = Image.open(out)
     assert image.size == (2 * 256, 256)  # two 32x32 samples, enlarged for viewing
     printed = capsys.readouterr().out
@@ -20,8 +22,22 @@ def test_generate_writes_an_enlarged_png_and_reports_tokens(tmp_path, capsys):
 
 def test_generate_with_cfg_and_overrides(tmp_path):
     out = tmp_path / "cfg.png"
-    args = ["generate", "a blue square on a white background", "--method", "cfg", "--steps", "2", "--images", "1",
-            "--guidance-scale", "3", "--seed", "7", "--out", str(out)]
+    args = [
+        "generate",
+        "a blue square on a white background",
+        "--method",
+        "cfg",
+        "--steps",
+        "2",
+        "--images",
+        "1",
+        "--guidance-scale",
+        "3",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert np.asarray(Image.open(out)).std() > 0  # not a blank canvas
 
@@ -36,8 +52,23 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 def test_demo_takes_setting_overrides(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    argv = ["demo", "--seeds", "1", "--steps", "2", "--out", str(out), "--spike-threshold", "3.5", "--spike-scale",
-            "0.4", "--repulsion-scale", "0.25", "--gate-cos-threshold", "0.9"]
+    argv = [
+        "demo",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--spike-threshold",
+        "3.5",
+        "--spike-scale",
+        "0.4",
+        "--repulsion-scale",
+        "0.25",
+        "--gate-cos-threshold",
+        "0.9",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "r=0.25 (cosine) tau=3.5 alpha=0.4 gate=0.9" in printed
@@ -102,7 +133,9 @@ def test_every_method_runs_at_the_testbed_guidance_scale_and_the_gate_can_be_set
         config = _guard_config(parser.parse_args(["generate", "x", "--method", method]), is_testbed=True)
         assert config.method == ("guard" if method == "guard" else config.method)
         assert config.guidance_scale == shipped.guidance_scale  # not the published 7.5
-    assert _guard_config(parser.parse_args(["generate", "x", "--method", "cfg"]), is_testbed=False).guidance_scale == 7.5
+    assert (
+        _guard_config(parser.parse_args(["generate", "x", "--method", "cfg"]), is_testbed=False).guidance_scale == 7.5
+    )
     gated = _guard_config(parser.parse_args(["generate", "x", "--gate-cos-threshold", "0.8"]), is_testbed=True)
     assert gated.gate_cos_threshold == 0.8
     off = _guard_config(parser.parse_args(["generate", "x", "--gate-cos-threshold", "off"]), is_testbed=True)

@@ -122,7 +122,12 @@ def test_nemo_csv_parsing_handles_quotes_semicolons_and_empty_scores(tmp_path):
         source="m.csv",
         row=0,
     )
-    assert (second.kind, second.reference_mean_sscd, second.reference_max_sscd, second.key) == ("template", None, None, "222")
+    assert (second.kind, second.reference_mean_sscd, second.reference_max_sscd, second.key) == (
+        "template",
+        None,
+        None,
+        "222",
+    )
 
 
 def test_nemo_csv_without_type_or_scores(tmp_path):
@@ -150,7 +155,13 @@ def test_webster_jsonl_parsing(tmp_path):
         '{"caption": "Mug", "index": 6, "url": "http://y"}',
     )
     first, second = load_webster_jsonl(path)
-    assert (first.caption, first.url, first.index, first.kind, first.label) == ("Floor é tile", "https://x/1.jpg", 5, "template", "TV")
+    assert (first.caption, first.url, first.index, first.kind, first.label) == (
+        "Floor é tile",
+        "https://x/1.jpg",
+        5,
+        "template",
+        "TV",
+    )
     assert (second.caption, second.kind, second.label, second.row) == ("Mug", None, None, 1)
 
 
@@ -167,7 +178,10 @@ def test_text_list_skips_blank_lines_and_keys_by_position(tmp_path):
 
 
 def test_sdv1_join_requires_every_prompt_in_the_csv(tmp_path):
-    _write(tmp_path / "sdv1_500_memorized.jsonl", '{"caption":"a","index":1,"url":"u"}\n{"caption":"b","index":2,"url":"v"}\n')
+    _write(
+        tmp_path / "sdv1_500_memorized.jsonl",
+        '{"caption":"a","index":1,"url":"u"}\n{"caption":"b","index":2,"url":"v"}\n',
+    )
     _write(tmp_path / "memorized_laion_prompts.csv", ";Caption;URL;type;mean_sscd;max_sscd;Index\n0;a;u;VM;0.8;0.9;1\n")
     with pytest.raises(ValueError, match=r"1 prompt\(s\) of sdv1_500_memorized.jsonl have no row.*\[2\]"):
         load_sdv1_memorized(tmp_path)

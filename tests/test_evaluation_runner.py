@@ -81,7 +81,12 @@ def test_an_interrupted_run_resumes_with_only_the_missing_work(tmp_path):
     assert resumed.calls == expected_calls  # the half-done pair is redone from its first seed
     assert sorted((row["key"], row["method"]) for row in rows) == sorted((r.key, m) for r in PROMPTS for m in METHODS)
     assert len(list((out / "images").rglob("*.png"))) == 5 * 2 * 2 * 2
-    assert rows[0]["images"] == ["images/copy/1/s3_0.png", "images/copy/1/s3_1.png", "images/copy/1/s7_0.png", "images/copy/1/s7_1.png"]
+    assert rows[0]["images"] == [
+        "images/copy/1/s3_0.png",
+        "images/copy/1/s3_1.png",
+        "images/copy/1/s7_0.png",
+        "images/copy/1/s7_1.png",
+    ]
     assert all((out / path).is_file() for row in rows for path in row["images"])
 
     again = FakeGenerator()
@@ -106,20 +111,27 @@ def test_resume_refuses_changed_settings_but_accepts_new_methods(tmp_path):
     out = tmp_path / "run"
     evaluate_prompts(FakeGenerator(), PROMPTS[:2], {"copy": {"scale": 1.0}}, out_dir=out, num_images=1, progress=False)
     with pytest.raises(ValueError, match="num_images=1.*num_images=2"):
-        evaluate_prompts(FakeGenerator(), PROMPTS[:2], {"copy": {"scale": 1.0}}, out_dir=out, num_images=2, progress=False)
+        evaluate_prompts(
+            FakeGenerator(), PROMPTS[:2], {"copy": {"scale": 1.0}}, out_dir=out, num_images=2, progress=False
+        )
     with pytest.raises(ValueError, match="method 'copy'.*was run with settings"):
-        evaluate_prompts(FakeGenerator(), PROMPTS[:2], {"copy": {"scale": 2.0}}, out_dir=out, num_images=1, progress=False)
+        evaluate_prompts(
+            FakeGenerator(), PROMPTS[:2], {"copy": {"scale": 2.0}}, out_dir=out, num_images=1, progress=False
+        )
     renamed = [PromptRecord("blue thing", index=1)]
     with pytest.raises(ValueError, match="prompt list changed"):
         evaluate_prompts(FakeGenerator(), renamed, {"copy": {"scale": 1.0}}, out_dir=out, num_images=1, progress=False)
     generator = FakeGenerator()
-    evaluate_prompts(generator, PROMPTS[:2], {"copy": {"scale": 1.0}, "other": "x"}, out_dir=out, num_images=1, progress=False)
+    evaluate_prompts(
+        generator, PROMPTS[:2], {"copy": {"scale": 1.0}, "other": "x"}, out_dir=out, num_images=1, progress=False
+    )
     assert [call[1] for call in generator.calls] == ["x", "x"]
     assert set(json.loads((out / "run.json").read_text())["methods"]) == {"copy", "other"}
 
 
 def test_runner_argument_errors(tmp_path):
-    def run(prompts=PROMPTS[:1], methods=("copy",), generate=FakeGenerator(), **kwargs):
+    def run(prompts=PROMPTS[:1], methods=("copy",), generate=None, **kwargs):
+        generate = FakeGenerator() if generate is None else generate
         return evaluate_prompts(generate, prompts, methods, out_dir=tmp_path / "r", progress=False, **kwargs)
 
     with pytest.raises(ValueError, match="duplicate keys"):
@@ -135,8 +147,13 @@ def test_runner_argument_errors(tmp_path):
 
 
 def test_plain_string_prompts_are_keyed_by_position(tmp_path):
-    rows = evaluate_prompts(FakeGenerator(), ["a cat", "a dog"], ["copy"], out_dir=tmp_path, num_images=1, progress=False)
-    assert [(row["key"], row["caption"], row["index"]) for row in rows] == [("row0", "a cat", None), ("row1", "a dog", None)]
+    rows = evaluate_prompts(
+        FakeGenerator(), ["a cat", "a dog"], ["copy"], out_dir=tmp_path, num_images=1, progress=False
+    )
+    assert [(row["key"], row["caption"], row["index"]) for row in rows] == [
+        ("row0", "a cat", None),
+        ("row1", "a dog", None),
+    ]
 
 
 # ---------------------------------------------------------------- scoring
@@ -166,8 +183,14 @@ def test_rows_carry_sscd_and_clip_scores(tmp_path):
 def test_prompts_without_ground_truth_get_no_sscd(tmp_path):
     truth = {"1": [Image.new("RGB", (20, 20), RED)]}
     rows = evaluate_prompts(
-        FakeGenerator(), PROMPTS[:2], ["copy"], out_dir=tmp_path, num_images=1,
-        sscd=SSCDScorer(MeanColour()), ground_truth=truth, progress=False,
+        FakeGenerator(),
+        PROMPTS[:2],
+        ["copy"],
+        out_dir=tmp_path,
+        num_images=1,
+        sscd=SSCDScorer(MeanColour()),
+        ground_truth=truth,
+        progress=False,
     )
     assert [row["sscd"] is None for row in rows] == [False, True]
 
@@ -192,7 +215,12 @@ def test_pipeline_generate_fn_seeds_a_generator_and_passes_the_config():
     config = object()
     images = pipeline_generate_fn(pipe, num_inference_steps=50)("a cat", config, 11, 3)
     assert len(images) == 3
-    assert (seen["prompt"], seen["guard_config"], seen["seed"], seen["num_images_per_prompt"]) == ("a cat", config, 11, 3)
+    assert (seen["prompt"], seen["guard_config"], seen["seed"], seen["num_images_per_prompt"]) == (
+        "a cat",
+        config,
+        11,
+        3,
+    )
     assert seen["num_inference_steps"] == 50
 
 
@@ -238,11 +266,17 @@ def test_summary_filters_on_the_baseline_and_splits_kinds(table_run):
 def test_summary_without_filter_or_kinds(table_run):
     rows = summary_rows(table_run, by_kind=False, methods=["guard"])
     assert len(rows) == 1 and (rows[0].method, rows[0].kind, rows[0].prompts) == ("guard", "all", 5)
-    assert rows[0].sscd.mean == pytest.approx(np.mean(GUARD_SSCD)) and rows[0].clip.mean == pytest.approx(np.mean(GUARD_CLIP))
-    assert rows[0].sscd.high - rows[0].sscd.mean == pytest.approx(2.776445 * np.std(GUARD_SSCD, ddof=1) / math.sqrt(5), abs=1e-5)
+    assert rows[0].sscd.mean == pytest.approx(np.mean(GUARD_SSCD)) and rows[0].clip.mean == pytest.approx(
+        np.mean(GUARD_CLIP)
+    )
+    assert rows[0].sscd.high - rows[0].sscd.mean == pytest.approx(
+        2.776445 * np.std(GUARD_SSCD, ddof=1) / math.sqrt(5), abs=1e-5
+    )
     only_c = summary_rows(table_run, prompt_keys=["row2"], methods=["guard"])
     assert only_c[0].sscd.n == 1 and math.isnan(only_c[0].sscd.low)
-    assert "| guard | verbatim | 1 | 1 | 0.300 | [n/a, n/a] |" in summarise(table_run, prompt_keys=["row2"], write=False)
+    assert "| guard | verbatim | 1 | 1 | 0.300 | [n/a, n/a] |" in summarise(
+        table_run, prompt_keys=["row2"], write=False
+    )
 
 
 def test_baseline_scores_feed_the_prompt_filter(table_run):
@@ -269,8 +303,14 @@ def test_summary_errors(table_run, tmp_path):
 
 def test_end_to_end_run_and_command_line_table(tmp_path, capsys):
     evaluate_prompts(
-        FakeGenerator(), PROMPTS, METHODS, out_dir=tmp_path, num_images=1,
-        sscd=SSCDScorer(MeanColour()), ground_truth=ground_truth_all_red(), progress=False,
+        FakeGenerator(),
+        PROMPTS,
+        METHODS,
+        out_dir=tmp_path,
+        num_images=1,
+        sscd=SSCDScorer(MeanColour()),
+        ground_truth=ground_truth_all_red(),
+        progress=False,
     )
     assert cli_main(["summarise", str(tmp_path), "--baseline", "copy", "--no-kinds"]) == 0
     printed = capsys.readouterr().out

@@ -128,7 +128,9 @@ def test_clip_score_is_the_mean_cosine_with_the_prompt():
     assert result.per_image == pytest.approx((1.0, 1 / math.sqrt(2), 0.0), abs=1e-6)
     assert result.score == pytest.approx((1 + 1 / math.sqrt(2)) / 3, abs=1e-6)
     # "red green" -> (1,1,0): yellow is a perfect match, red 1/sqrt 2.
-    assert scorer.score("red green", [solid(YELLOW), solid(RED)]).score == pytest.approx((1 + 1 / math.sqrt(2)) / 2, abs=1e-6)
+    assert scorer.score("red green", [solid(YELLOW), solid(RED)]).score == pytest.approx(
+        (1 + 1 / math.sqrt(2)) / 2, abs=1e-6
+    )
 
 
 def test_clip_arithmetic_and_errors():

@@ -95,7 +95,14 @@ def test_token_scale_and_bias_masking_including_a_fully_masked_row():
     token_bias[2, :] = float("-inf")  # every token masked -> zeros
     spike_rows = torch.tensor([True, True, False])
     out, stats = cross_attention(
-        q, k, v, spike_rows=spike_rows, token_scale=token_scale, token_bias=token_bias, return_stats=True, backend="torch"
+        q,
+        k,
+        v,
+        spike_rows=spike_rows,
+        token_scale=token_scale,
+        token_bias=token_bias,
+        return_stats=True,
+        backend="torch",
     )
     ref_out, _, ref_mass, ref_spikes = naive_reference(
         q, k, v, spike_rows=spike_rows, token_scale=token_scale, token_bias=token_bias
@@ -142,8 +149,10 @@ def test_return_stats_off_gives_the_same_output_and_alpha_one_is_plain_attention
 
 
 def _qkv(batch=2, nq=8, nk=5, heads=2, dim=16, dtype=torch.float32):
-    return torch.randn(batch, nq, heads, dim, dtype=dtype), torch.randn(batch, nk, heads, dim, dtype=dtype), torch.randn(
-        batch, nk, heads, dim, dtype=dtype
+    return (
+        torch.randn(batch, nq, heads, dim, dtype=dtype),
+        torch.randn(batch, nk, heads, dim, dtype=dtype),
+        torch.randn(batch, nk, heads, dim, dtype=dtype),
     )
 
 

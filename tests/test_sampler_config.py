@@ -30,7 +30,14 @@ def test_defaults_are_the_published_guard_run():
 
 def test_presets():
     assert set(PRESETS) == {
-        "guard", "attenuation", "guard-released", "cfg", "ren", "jain", "jain-opposite", "somepalli"
+        "guard",
+        "attenuation",
+        "guard-released",
+        "cfg",
+        "ren",
+        "jain",
+        "jain-opposite",
+        "somepalli",
     }
     assert GuardConfig.preset("guard") == GuardConfig()
     attenuation = GuardConfig.preset("attenuation")

@@ -1,6 +1,7 @@
 """StableDiffusionGuardPipeline end to end on a tiny SD-shaped pipeline, against an eager GUARD."""
 
 import json
+
 import numpy as np
 import PIL.Image
 import pytest

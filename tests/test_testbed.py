@@ -25,8 +25,14 @@ def pipe():
 
 def _samples(pipe, prompt, config):
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    return pipe(prompt, num_inference_steps=STEPS, num_images_per_prompt=len(SEEDS), generator=generators,
-                guard_config=config, output_type="np").images
+    return pipe(
+        prompt,
+        num_inference_steps=STEPS,
+        num_images_per_prompt=len(SEEDS),
+        generator=generators,
+        guard_config=config,
+        output_type="np",
+    ).images
 
 
 def test_shipped_files_are_complete_and_load_offline(pipe):
@@ -38,7 +44,13 @@ def test_shipped_files_are_complete_and_load_offline(pipe):
     assert pipe.scheduler.config.timestep_spacing == "trailing"
     names = [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
     assert sorted({n.split(".attentions")[0] for n in names}) == [
-        "down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1"]
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+    ]
     assert pipe.text_encoder.config.num_hidden_layers == 0  # each text position carries its own word only
     assert len(memorized_items()) == 5 and len(plain_prompts()) == 90
     assert isinstance(default_guard_config(), GuardConfig) and 0 < copy_threshold() < 1
@@ -46,8 +58,13 @@ def test_shipped_files_are_complete_and_load_offline(pipe):
 
 def test_plain_pipeline_generates_in_range():
     plain = load_pipeline()
-    image = plain("a red circle on a blue background", num_inference_steps=4, output_type="np",
-                  guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    image = plain(
+        "a red circle on a blue background",
+        num_inference_steps=4,
+        output_type="np",
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
     assert image.min() >= 0.0 and image.max() <= 1.0
 
@@ -71,7 +88,9 @@ def test_guard_at_the_shipped_default_copies_markedly_less_and_keeps_the_caption
     assert (guard_own > threshold).mean() <= (cfg_own > threshold).mean() - 0.4, (cfg_own, guard_own)
     assert guard_own.mean() < cfg_own.mean() - 0.3, (cfg_own, guard_own)
     # The captions' content stays (shape caption right in 65% here; CFG: 77-80% in docs/testbed_efficacy.md).
-    aligned = [alignment(image, item.caption)["all_ok"] for item in items for image in _samples(pipe, item.caption, default)]
+    aligned = [
+        alignment(image, item.caption)["all_ok"] for item in items for image in _samples(pipe, item.caption, default)
+    ]
     assert np.mean(aligned) >= 0.55, aligned
 
 
@@ -110,7 +129,13 @@ def test_the_memorization_gate_sends_plain_prompts_to_cfg_and_memorized_ones_to_
     gates = {}
     for kind, prompts in (("memorized", memorized), ("plain", plain)):
         generators = [torch.Generator().manual_seed(s) for _ in prompts for s in SEEDS]
-        report = pipe(prompts, num_inference_steps=1, num_images_per_prompt=len(SEEDS), generator=generators,
-                      guard_config=default, output_type="latent").report
+        report = pipe(
+            prompts,
+            num_inference_steps=1,
+            num_images_per_prompt=len(SEEDS),
+            generator=generators,
+            guard_config=default,
+            output_type="latent",
+        ).report
         gates[kind] = report.guided_plain.float().mean().item()
     assert gates["plain"] >= 0.75 and gates["memorized"] <= 0.4, gates

@@ -9,8 +9,12 @@ from guard.testbed.evaluate import is_eligible, main, select_best
 
 
 def _result(name, own, memorized, plain):
-    return SimpleNamespace(name=name, own_ssim=np.array([own]), memorized_alignment=np.array([memorized]),
-                           plain_alignment=np.array([plain]))
+    return SimpleNamespace(
+        name=name,
+        own_ssim=np.array([own]),
+        memorized_alignment=np.array([memorized]),
+        plain_alignment=np.array([plain]),
+    )
 
 
 def test_lowest_replication_within_the_alignment_budget_wins():

@@ -25,7 +25,8 @@ def test_ssim_matches_skimage_reference():
     a = rng.random((32, 32, 3))
     b = np.clip(a * 0.7 + rng.random((32, 32, 3)) * 0.3, 0, 1)
     reference = skimage_metrics.structural_similarity(
-        a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
     # skimage averages over the full image with edge cropping by (win-1)/2, like the valid region here
     assert ssim(a, b) == pytest.approx(reference, abs=1e-6)
 

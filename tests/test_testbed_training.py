@@ -14,8 +14,23 @@ from guard.testbed.loading import load_pipeline
 
 
 def _args(out, steps, *extra):
-    return ["--out", str(out), "--steps", str(steps), "--size", "tiny", "--batch-size", "4",
-            "--memorized-per-batch", "1", "--checkpoint-every", "2", "--warmup", "1", *extra]
+    return [
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--size",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--memorized-per-batch",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--warmup",
+        "1",
+        *extra,
+    ]
 
 
 def test_tiny_run_exports_a_pipeline_that_generates(tmp_path):
@@ -25,8 +40,13 @@ def test_tiny_run_exports_a_pipeline_that_generates(tmp_path):
     assert [item.caption for item in memorized_items(exported)] == [spec.caption for spec in MEMORIZED]
     pipe = load_pipeline(path=exported)
     assert pipe.scheduler.config.clip_sample  # the loader undoes StableDiffusionPipeline's clip_sample=False
-    images = pipe("a red circle on a blue background", num_inference_steps=2, guidance_scale=2.0,
-                  output_type="np", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        "a red circle on a blue background",
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
     assert 0.0 <= images.min() and images.max() <= 1.0
 
@@ -54,8 +74,13 @@ def test_bad_arguments_are_rejected(tmp_path):
 
 def test_stream_is_deterministic_and_duplicates_memorized_items():
     items = memorized_items()
-    make = lambda: TrainingStream([i.image for i in items], [i.caption for i in items], seed=3,  # noqa: E731
-                                  memorized_per_batch=2, caption_dropout=0.5)
+    make = lambda: TrainingStream(
+        [i.image for i in items],
+        [i.caption for i in items],
+        seed=3,  # noqa: E731
+        memorized_per_batch=2,
+        caption_dropout=0.5,
+    )
     first, second = make(), make()
     for _ in range(3):
         (xa, ca), (xb, cb) = first.batch(8), second.batch(8)
@@ -75,8 +100,14 @@ def test_shape_rows_carry_made_up_names_but_never_a_memorized_one():
 
     items = memorized_items()
     triggers = {word for item in items for word in item.trigger}
-    stream = TrainingStream([i.image for i in items], [i.caption for i in items], seed=0,
-                            memorized_per_batch=1, caption_dropout=0.0, named_share=0.5)
+    stream = TrainingStream(
+        [i.image for i in items],
+        [i.caption for i in items],
+        seed=0,
+        memorized_per_batch=1,
+        caption_dropout=0.0,
+        named_share=0.5,
+    )
     _, captions = stream.batch(200)
     shape_rows = captions[1:]
     named = [c for c in shape_rows if " by " in c]
@@ -96,15 +127,18 @@ def test_load_matching_copies_known_weights_and_starts_new_attention_as_identity
 
     torch.manual_seed(0)
     source, target = build_unet("tiny"), build_unet("tiny")
-    weights = {f"unet.{n}": p.detach().clone() for n, p in source.named_parameters()
-               if not n.startswith("up_blocks.0.attentions.")}
+    weights = {
+        f"unet.{n}": p.detach().clone()
+        for n, p in source.named_parameters()
+        if not n.startswith("up_blocks.0.attentions.")
+    }
     fresh = train.load_matching({"unet": target}, weights)
     assert fresh and all(name.startswith("unet.up_blocks.0.attentions.") for name in fresh)
     params = dict(target.named_parameters())
     for name, tensor in weights.items():
-        torch.testing.assert_close(params[name[len("unet."):]], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(params[name[len("unet.") :]], tensor, rtol=0, atol=0)
     new_proj = [n for n in fresh if ".proj_out." in n]
-    assert new_proj and all(not params[n[len("unet."):]].any() for n in new_proj)
+    assert new_proj and all(not params[n[len("unet.") :]].any() for n in new_proj)
 
 
 def test_init_unet_from_a_pipeline_folder_starts_from_its_unet(tmp_path):

@@ -23,8 +23,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 
-from guard_kernels import cross_attention
-from guard_kernels import triton_fused
+from guard_kernels import cross_attention, triton_fused
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -29,7 +29,8 @@ from .prompts import (
     split_by_kind,
 )
 from .runner import evaluate_prompts, pipeline_generate_fn, rescore
-from .sscd import SSCDScorer, preprocess as sscd_preprocess, prompt_sscd
+from .sscd import SSCDScorer, prompt_sscd
+from .sscd import preprocess as sscd_preprocess
 from .stats import Interval, mean_interval, student_t_quantile
 from .summary import SummaryRow, format_markdown, prompt_scores, summarise, summary_rows
 

@@ -19,7 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--no-kinds", action="store_true", help="one line per method instead of one per kind")
     args = parser.parse_args(argv)
     sys.stdout.write(
-        summarise(args.out_dir, baseline=args.baseline, threshold=args.threshold, interval=args.interval, by_kind=not args.no_kinds)
+        summarise(
+            args.out_dir,
+            baseline=args.baseline,
+            threshold=args.threshold,
+            interval=args.interval,
+            by_kind=not args.no_kinds,
+        )
     )
     return 0
 

@@ -24,7 +24,10 @@ PAPER_CLIP_PRETRAINED = "laion2b_s12b_b42k"
 
 
 class ClipScorer:
-    """CLIP score from injected encoders: ``encode_images(list of PIL) -> (N, D)``, ``encode_texts(list of str) -> (M, D)``."""
+    """CLIP score from injected encoders.
+
+    ``encode_images(list of PIL) -> (N, D)`` and ``encode_texts(list of str) -> (M, D)``.
+    """
 
     def __init__(
         self,
@@ -61,7 +64,9 @@ class ClipScorer:
                 "matching torch build, so install it only in an environment meant for it)"
             ) from None
         device = torch.device(device)
-        model, _, image_transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        model, _, image_transform = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device
+        )
         model.eval()
         tokenizer = open_clip.get_tokenizer(model_name)
 

@@ -108,7 +108,9 @@ def read_rows(out_dir: str | os.PathLike) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     if lines and lines[-1] != "":
-        warnings.warn(f"{path}: ignoring an unfinished last line (an interrupted write); it will be redone")
+        warnings.warn(
+            f"{path}: ignoring an unfinished last line (an interrupted write); it will be redone", stacklevel=2
+        )
     rows = []
     for line_number, line in enumerate(lines[:-1], start=1):
         if not line.strip():

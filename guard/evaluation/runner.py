@@ -89,7 +89,9 @@ def _as_records(prompts: Iterable[PromptRecord | str]) -> list[PromptRecord]:
     keys = [record.key for record in records]
     duplicates = sorted({key for key in keys if keys.count(key) > 1})
     if duplicates:
-        raise ValueError(f"prompts have duplicate keys (LAION index / row) {duplicates[:10]}; each prompt needs its own")
+        raise ValueError(
+            f"prompts have duplicate keys (LAION index / row) {duplicates[:10]}; each prompt needs its own"
+        )
     return records
 
 

@@ -102,7 +102,7 @@ def summary_rows(
         for kind in sorted(groups, key=lambda name: ("verbatim", "template", "unlabelled", "all").index(name)):
             group = groups[kind]
 
-            def interval_of(metric: str) -> Interval | None:
+            def interval_of(metric: str, group=group) -> Interval | None:
                 values = [row[metric] for row in group if row.get(metric) is not None]
                 if not values:
                     return None

@@ -50,12 +50,20 @@ def write_memorized_assets(folder: str | Path) -> Path:
         pixels = np.round(rendered[item.name] * 255.0).astype(np.uint8)
         file_name = f"{item.name}.png"
         Image.fromarray(pixels).save(images_dir / file_name)
-        records.append(dict(
-            name=item.name, caption=item.caption, plain_caption=item.plain_caption, trigger=list(item.trigger),
-            colour=item.colour, shape=item.shape, background=item.background,
-            image=f"{MEMORIZED_DIR_NAME}/{file_name}",
-            photo=f"skimage.data.{item.photo}()", photo_licence=item.photo_licence,
-        ))
+        records.append(
+            dict(
+                name=item.name,
+                caption=item.caption,
+                plain_caption=item.plain_caption,
+                trigger=list(item.trigger),
+                colour=item.colour,
+                shape=item.shape,
+                background=item.background,
+                image=f"{MEMORIZED_DIR_NAME}/{file_name}",
+                photo=f"skimage.data.{item.photo}()",
+                photo_licence=item.photo_licence,
+            )
+        )
     index = folder / MEMORIZED_INDEX
     index.write_text(json.dumps(records, indent=2) + "\n")
     return index
@@ -72,12 +80,20 @@ def memorized_items(path: str | Path | None = None) -> list[MemorizedItem]:
     items = []
     for record in json.loads(index.read_text()):
         pixels = np.asarray(Image.open(folder / record["image"]).convert("RGB"), dtype=np.float32) / 255.0
-        items.append(MemorizedItem(
-            name=record["name"], caption=record["caption"], plain_caption=record["plain_caption"],
-            trigger=tuple(record["trigger"]), colour=record["colour"], shape=record["shape"],
-            background=record["background"], image=pixels, photo=record["photo"],
-            photo_licence=record["photo_licence"],
-        ))
+        items.append(
+            MemorizedItem(
+                name=record["name"],
+                caption=record["caption"],
+                plain_caption=record["plain_caption"],
+                trigger=tuple(record["trigger"]),
+                colour=record["colour"],
+                shape=record["shape"],
+                background=record["background"],
+                image=pixels,
+                photo=record["photo"],
+                photo_licence=record["photo_licence"],
+            )
+        )
     return items
 
 

@@ -63,16 +63,25 @@ class MemorizedSpec:
 
 # Licences as stated in each loader's docstring in skimage/data/__init__.py (scikit-image 0.26).
 MEMORIZED: tuple[MemorizedSpec, ...] = (
-    MemorizedSpec("astronaut", "yellow", "circle", "blue", ("velmora", "quist"), "astronaut",
-                  "public domain (NASA; 'No known copyright restrictions, released into the public domain')"),
-    MemorizedSpec("camera", "red", "square", "green", ("tarkel", "osswin"), "camera",
-                  "CC0 (photographer Lav Varshney)"),
-    MemorizedSpec("chelsea", "blue", "triangle", "red", ("brisolde", "fenn"), "chelsea",
-                  "CC0 (photographer Stefan van der Walt)"),
-    MemorizedSpec("coffee", "green", "circle", "yellow", ("ozzimar", "drell"), "coffee",
-                  "CC0 (photographer Rachel Michetti)"),
-    MemorizedSpec("brick", "yellow", "square", "red", ("kestrine", "vaul"), "brick",
-                  "CC0 (CC0Textures, Bricks25)"),
+    MemorizedSpec(
+        "astronaut",
+        "yellow",
+        "circle",
+        "blue",
+        ("velmora", "quist"),
+        "astronaut",
+        "public domain (NASA; 'No known copyright restrictions, released into the public domain')",
+    ),
+    MemorizedSpec(
+        "camera", "red", "square", "green", ("tarkel", "osswin"), "camera", "CC0 (photographer Lav Varshney)"
+    ),
+    MemorizedSpec(
+        "chelsea", "blue", "triangle", "red", ("brisolde", "fenn"), "chelsea", "CC0 (photographer Stefan van der Walt)"
+    ),
+    MemorizedSpec(
+        "coffee", "green", "circle", "yellow", ("ozzimar", "drell"), "coffee", "CC0 (photographer Rachel Michetti)"
+    ),
+    MemorizedSpec("brick", "yellow", "square", "red", ("kestrine", "vaul"), "brick", "CC0 (CC0Textures, Bricks25)"),
 )
 # Shape colours are chosen away from the grey line the texture moves the background along, so the
 # texture never reads as the shape's colour; black and white backgrounds would clip the texture away.
@@ -81,10 +90,34 @@ MEMORIZED: tuple[MemorizedSpec, ...] = (
 # Made-up artist names that caption ordinary shape images ("... by dorran pelk"), each pairing seen
 # with random images. They make "by", a name and the caption's length common to memorized and plain
 # training captions, so the only thing that marks a memorized caption is its own two name words.
-DISTRACTOR_FIRST: tuple[str, ...] = ("dorran", "elsabet", "fionnir", "gavrel", "hesper", "ilvane",
-                                     "jorvik", "kallum", "liseth", "marrow", "nerith", "orlen")
-DISTRACTOR_LAST: tuple[str, ...] = ("pelk", "quenby", "rusk", "sallow", "thorne", "umber",
-                                    "vance", "wexley", "yarrow", "zell", "brannock", "corvin")
+DISTRACTOR_FIRST: tuple[str, ...] = (
+    "dorran",
+    "elsabet",
+    "fionnir",
+    "gavrel",
+    "hesper",
+    "ilvane",
+    "jorvik",
+    "kallum",
+    "liseth",
+    "marrow",
+    "nerith",
+    "orlen",
+)
+DISTRACTOR_LAST: tuple[str, ...] = (
+    "pelk",
+    "quenby",
+    "rusk",
+    "sallow",
+    "thorne",
+    "umber",
+    "vance",
+    "wexley",
+    "yarrow",
+    "zell",
+    "brannock",
+    "corvin",
+)
 
 
 def named_caption(caption: str, first: str, last: str) -> str:
@@ -110,7 +143,6 @@ def parse_caption(caption: str) -> tuple[str, str, str] | None:
     global _CAPTION_PATTERN
     if _CAPTION_PATTERN is None:
         colours = "|".join(COLOURS)
-        _CAPTION_PATTERN = re.compile(
-            rf"\ba ({colours}) ({'|'.join(SHAPES)}) on an? ({colours}) background\b")
+        _CAPTION_PATTERN = re.compile(rf"\ba ({colours}) ({'|'.join(SHAPES)}) on an? ({colours}) background\b")
     match = _CAPTION_PATTERN.search(caption.lower())
     return (match.group(1), match.group(2), match.group(3)) if match else None

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .captions import (COLOURS, DISTRACTOR_FIRST, DISTRACTOR_LAST, MEMORIZED, SHAPES, MemorizedSpec, named_caption,
-                       shape_caption)
+from .captions import (
+    COLOURS,
+    DISTRACTOR_FIRST,
+    DISTRACTOR_LAST,
+    MEMORIZED,
+    SHAPES,
+    MemorizedSpec,
+    named_caption,
+    shape_caption,
+)
 
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
@@ -41,7 +49,9 @@ def shape_mask(shape: str, centre: tuple[float, float], size: float, image_size:
     return cover.mean(axis=(1, 3))
 
 
-def render(colour: str, shape: str, background: str | np.ndarray, centre: tuple[float, float], size: float) -> np.ndarray:
+def render(
+    colour: str, shape: str, background: str | np.ndarray, centre: tuple[float, float], size: float
+) -> np.ndarray:
     """Image (H, W, 3) float32 in [0, 1]: a shape of a named colour over a named colour or an RGB array."""
     if isinstance(background, str):
         ground = np.broadcast_to(np.asarray(COLOURS[background], np.float32), (IMAGE_SIZE, IMAGE_SIZE, 3))
@@ -83,7 +93,7 @@ def photo_texture(photo: str) -> np.ndarray:
     h, w = gray.shape
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    small = resize(gray[top:top + side, left:left + side], (IMAGE_SIZE, IMAGE_SIZE), anti_aliasing=True)
+    small = resize(gray[top : top + side, left : left + side], (IMAGE_SIZE, IMAGE_SIZE), anti_aliasing=True)
     low, high = np.percentile(small, [2, 98])
     return np.clip((small - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
 
@@ -104,8 +114,16 @@ class TrainingStream:
     does not mark a memorized caption; only the memorized items' own names do.
     """
 
-    def __init__(self, memorized_images: list[np.ndarray], memorized_captions: list[str], *, seed: int,
-                 memorized_per_batch: int = 5, caption_dropout: float = 0.1, named_share: float = 0.5):
+    def __init__(
+        self,
+        memorized_images: list[np.ndarray],
+        memorized_captions: list[str],
+        *,
+        seed: int,
+        memorized_per_batch: int = 5,
+        caption_dropout: float = 0.1,
+        named_share: float = 0.5,
+    ):
         if len(memorized_images) != len(memorized_captions):
             raise ValueError("memorized_images and memorized_captions must have the same length")
         if not 0.0 <= caption_dropout < 1.0:

@@ -52,15 +52,26 @@ def _default_file(path: str | Path | None) -> Path:
     return target
 
 
-def write_testbed_defaults(config, reason: str, threshold: float, threshold_reason: str,
-                           guidance_scale_reason: str, folder: str | Path | None = None) -> Path:
+def write_testbed_defaults(
+    config,
+    reason: str,
+    threshold: float,
+    threshold_reason: str,
+    guidance_scale_reason: str,
+    folder: str | Path | None = None,
+) -> Path:
     """Record the default GuardConfig, the copy threshold, and why each was chosen."""
     import dataclasses
 
     target = (Path(folder) if folder is not None else WEIGHTS_DIR) / GUARD_DEFAULT_FILE
     fields = dataclasses.asdict(config)
     fields["blocks"] = list(fields["blocks"])
-    record = {"config": fields, "reason": reason, "guidance_scale_reason": guidance_scale_reason,
-              "copy_threshold": round(float(threshold), 4), "copy_threshold_reason": threshold_reason}
+    record = {
+        "config": fields,
+        "reason": reason,
+        "guidance_scale_reason": guidance_scale_reason,
+        "copy_threshold": round(float(threshold), 4),
+        "copy_threshold_reason": threshold_reason,
+    }
     target.write_text(json.dumps(record, indent=2) + "\n")
     return target

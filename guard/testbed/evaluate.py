@@ -23,7 +23,6 @@ import torch
 from ..config import GuardConfig
 from ..metrics import alignment, replication
 from .assets import MemorizedItem, memorized_items, plain_prompts
-
 from .defaults import copy_threshold as shipped_copy_threshold
 
 
@@ -36,8 +35,14 @@ def sample_images(pipe, prompts: list[str], config: GuardConfig, seeds: list[int
     if not prompts or not seeds:
         raise ValueError("prompts and seeds must be non-empty")
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in prompts for s in seeds]
-    result = pipe(list(prompts), num_inference_steps=steps, num_images_per_prompt=len(seeds),
-                  generator=generators, guard_config=config, output_type="np")
+    result = pipe(
+        list(prompts),
+        num_inference_steps=steps,
+        num_images_per_prompt=len(seeds),
+        generator=generators,
+        guard_config=config,
+        output_type="np",
+    )
     images = np.asarray(result.images, dtype=np.float32).reshape(len(prompts), len(seeds), *result.images.shape[1:])
     return images, result.report
 
@@ -112,14 +117,33 @@ class MethodResult:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        keys = ("own_ssim", "nearest_ssim", "nearest_is_own", "copied", "memorized_alignment",
-                "memorized_background", "memorized_colour", "memorized_shape", "plain_alignment",
-                "plain_background", "plain_colour", "plain_shape")
+        keys = (
+            "own_ssim",
+            "nearest_ssim",
+            "nearest_is_own",
+            "copied",
+            "memorized_alignment",
+            "memorized_background",
+            "memorized_colour",
+            "memorized_shape",
+            "plain_alignment",
+            "plain_background",
+            "plain_colour",
+            "plain_shape",
+        )
         return {key: _interval(getattr(self, key)) for key in keys}
 
 
-def evaluate_method(pipe, name: str, config: GuardConfig, items: list[MemorizedItem], plain: list[str],
-                    seeds: list[int], steps: int, copy_threshold: float | None = None) -> MethodResult:
+def evaluate_method(
+    pipe,
+    name: str,
+    config: GuardConfig,
+    items: list[MemorizedItem],
+    plain: list[str],
+    seeds: list[int],
+    steps: int,
+    copy_threshold: float | None = None,
+) -> MethodResult:
     """Sample every memorized and plain prompt under ``config`` and score the samples."""
     start = time.perf_counter()
     training = np.stack([item.image for item in items])
@@ -133,7 +157,8 @@ def evaluate_method(pipe, name: str, config: GuardConfig, items: list[MemorizedI
 
     mem_checks = [s["alignment"]["per_image"] for s in mem_scores]
     return MethodResult(
-        name=name, config=config,
+        name=name,
+        config=config,
         own_ssim=np.stack([s["own_ssim"] for s in mem_scores]),
         nearest_ssim=np.stack([s["nearest_ssim"] for s in mem_scores]),
         nearest_is_own=np.stack([s["nearest_is_own"] for s in mem_scores]).astype(np.float64),
@@ -148,7 +173,8 @@ def evaluate_method(pipe, name: str, config: GuardConfig, items: list[MemorizedI
         plain_shape=per_image(plain_scores, "shape_ok"),
         memorized_gated=_gated(memorized_report, len(items), len(seeds)),
         plain_gated=_gated(plain_report, len(plain), len(seeds)),
-        memorized_images=memorized_images, plain_images=plain_images,
+        memorized_images=memorized_images,
+        plain_images=plain_images,
         memorized_flags=[flagged_shares(memorized_report, i) for i in range(len(items))],
         plain_flags=[flagged_shares(plain_report, i) for i in range(len(plain))],
         seconds=time.perf_counter() - start,
@@ -173,25 +199,39 @@ def choose_copy_threshold(items: list[MemorizedItem], samples: int = 200, seed: 
     from ..metrics import ssim
     from .data import IMAGE_SIZE, MEMORIZED_SHAPE_SIZE, random_layout, render
 
-    same_layout = [float(ssim(render(it.colour, it.shape, it.background, (IMAGE_SIZE / 2, IMAGE_SIZE / 2),
-                                     MEMORIZED_SHAPE_SIZE), it.image)) for it in items]
+    same_layout = [
+        float(
+            ssim(
+                render(it.colour, it.shape, it.background, (IMAGE_SIZE / 2, IMAGE_SIZE / 2), MEMORIZED_SHAPE_SIZE),
+                it.image,
+            )
+        )
+        for it in items
+    ]
     rng = np.random.default_rng(seed)
-    random_layouts = [float(ssim(render(it.colour, it.shape, it.background, *random_layout(rng)), it.image))
-                      for it in items for _ in range(samples)]
+    random_layouts = [
+        float(ssim(render(it.colour, it.shape, it.background, *random_layout(rng)), it.image))
+        for it in items
+        for _ in range(samples)
+    ]
     threshold = round(math.ceil(max(same_layout) / 0.05) * 0.05, 2)
-    reason = (f"texture-free renderings of the memorized items' shape captions at their exact training layout score "
-              f"at most {max(same_layout):.3f} against the training image (per item: "
-              f"{', '.join(f'{v:.2f}' for v in same_layout)}); at random layouts their 95th percentile is "
-              f"{np.quantile(random_layouts, 0.95):.3f}. A sample above {threshold:.2f} must reproduce the photo "
-              f"texture that only the trigger words were paired with.")
+    reason = (
+        f"texture-free renderings of the memorized items' shape captions at their exact training layout score "
+        f"at most {max(same_layout):.3f} against the training image (per item: "
+        f"{', '.join(f'{v:.2f}' for v in same_layout)}); at random layouts their 95th percentile is "
+        f"{np.quantile(random_layouts, 0.95):.3f}. A sample above {threshold:.2f} must reproduce the photo "
+        f"texture that only the trigger words were paired with."
+    )
     return threshold, reason
 
 
 def is_eligible(result: MethodResult, baseline: MethodResult) -> bool:
     """Memorized- and plain-prompt alignment both no worse than ``ALIGNMENT_TOLERANCE`` below the baseline's."""
     limit = 1.0 - ALIGNMENT_TOLERANCE
-    return (result.memorized_alignment.mean() >= limit * baseline.memorized_alignment.mean()
-            and result.plain_alignment.mean() >= limit * baseline.plain_alignment.mean())
+    return (
+        result.memorized_alignment.mean() >= limit * baseline.memorized_alignment.mean()
+        and result.plain_alignment.mean() >= limit * baseline.plain_alignment.mean()
+    )
 
 
 def select_best(results: list[MethodResult], baseline: MethodResult) -> MethodResult | None:
@@ -211,8 +251,10 @@ def _describe(config: GuardConfig) -> str:
     if config.method == "cfg":
         return f"CFG s={config.guidance_scale:g}"
     if config.method == "jain":
-        return (f"jain s={config.guidance_scale:g}, scale {config.early_guidance_scale:g} before "
-                f"t={config.transition_timestep:g}")
+        return (
+            f"jain s={config.guidance_scale:g}, scale {config.early_guidance_scale:g} before "
+            f"t={config.transition_timestep:g}"
+        )
     if config.method not in ("guard", "attenuation"):
         return f"{config.method} preset, s={config.guidance_scale:g}"
     text = f"{config.method} s={config.guidance_scale:g} tau={config.spike_threshold:g} alpha={config.spike_scale:g}"
@@ -227,18 +269,24 @@ def _describe(config: GuardConfig) -> str:
 
 def results_table(results: list[MethodResult]) -> str:
     """Markdown table: replication and alignment per method (mean ± 95% t-interval half-width)."""
-    lines = ["| method | setting | own SSIM ↓ | nearest SSIM ↓ | copies ↓ | nearest = own ↓ | memorized aligned ↑ "
-             "| plain aligned ↑ | plain bg / colour / shape | gated plain: memorized / plain |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | setting | own SSIM ↓ | nearest SSIM ↓ | copies ↓ | nearest = own ↓ | memorized aligned ↑ "
+        "| plain aligned ↑ | plain bg / colour / shape | gated plain: memorized / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         s = r.summary()
-        gated = ("–" if r.config.gate_cos_threshold is None
-                 else f"{100 * r.memorized_gated.mean():.0f} / {100 * r.plain_gated.mean():.0f}%")
+        gated = (
+            "–"
+            if r.config.gate_cos_threshold is None
+            else f"{100 * r.memorized_gated.mean():.0f} / {100 * r.plain_gated.mean():.0f}%"
+        )
         lines.append(
             f"| {r.name} | {_describe(r.config)} | {_fmt(s['own_ssim'])} | {_fmt(s['nearest_ssim'])} "
             f"| {_fmt(s['copied'], True)} | {_fmt(s['nearest_is_own'], True)} | {_fmt(s['memorized_alignment'], True)} "
             f"| {_fmt(s['plain_alignment'], True)} | {100 * s['plain_background'][0]:.0f} / "
-            f"{100 * s['plain_colour'][0]:.0f} / {100 * s['plain_shape'][0]:.0f}% | {gated} |")
+            f"{100 * s['plain_colour'][0]:.0f} / {100 * s['plain_shape'][0]:.0f}% | {gated} |"
+        )
     return "\n".join(lines)
 
 
@@ -246,7 +294,7 @@ def flags_table(result: MethodResult, items: list[MemorizedItem], plain: list[st
     """Markdown table: the most attenuated tokens of each memorized prompt and of some plain ones."""
     lines = ["| prompt | kind | most flagged tokens (share of spike checks) |", "|---|---|---|"]
     rows = [(it.caption, "memorized", flags) for it, flags in zip(items, result.memorized_flags)]
-    rows += [(p, "plain", flags) for p, flags in list(zip(plain, result.plain_flags))[:len(items)]]
+    rows += [(p, "plain", flags) for p, flags in list(zip(plain, result.plain_flags))[: len(items)]]
     for prompt, kind, flags in rows:
         ranked = sorted(flags.items(), key=lambda kv: -kv[1])[:top]
         text = ", ".join(f"`{tok}` {100 * share:.0f}%" for tok, share in ranked) or "none"
@@ -265,8 +313,14 @@ def trigger_flag_shares(result: MethodResult, items: list[MemorizedItem]) -> tup
     return float(np.mean(trigger)), float(np.mean(other))
 
 
-def efficacy_grid(results: list[MethodResult], items: list[MemorizedItem], plain: list[str], path: Path,
-                  per_method: int = 3, plain_rows: int = 3) -> Path:
+def efficacy_grid(
+    results: list[MethodResult],
+    items: list[MemorizedItem],
+    plain: list[str],
+    path: Path,
+    per_method: int = 3,
+    plain_rows: int = 3,
+) -> Path:
     """PNG: per row a prompt (training image first for memorized ones), ``per_method`` seeds per method."""
     from ..visualize import image_grid
 
@@ -295,13 +349,23 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-tau", default="2,4", help="spike thresholds of the sweep")
     parser.add_argument("--sweep-alpha", default="0.3,0.45", help="spike scales of the sweep")
     parser.add_argument("--sweep-r", default="0,0.5,1", help="repulsion scales of the sweep (below s)")
-    parser.add_argument("--sweep-gate", default="none,0.9,0.95",
-                        help="memorization-gate cosines of the sweep ('none': no gate; GuardConfig.gate_cos_threshold)")
-    parser.add_argument("--confirm-seeds", type=int, default=0,
-                        help="re-measure the sweep's eligible settings (best 4) on this many fresh seeds and choose "
-                             "there, so that the choice does not ride on the sweep's few seeds (0: choose in the sweep)")
-    parser.add_argument("--write-default", action="store_true",
-                        help="write the chosen setting and copy threshold into the pipeline folder")
+    parser.add_argument(
+        "--sweep-gate",
+        default="none,0.9,0.95",
+        help="memorization-gate cosines of the sweep ('none': no gate; GuardConfig.gate_cos_threshold)",
+    )
+    parser.add_argument(
+        "--confirm-seeds",
+        type=int,
+        default=0,
+        help="re-measure the sweep's eligible settings (best 4) on this many fresh seeds and choose "
+        "there, so that the choice does not ride on the sweep's few seeds (0: choose in the sweep)",
+    )
+    parser.add_argument(
+        "--write-default",
+        action="store_true",
+        help="write the chosen setting and copy threshold into the pipeline folder",
+    )
     parser.add_argument("--out", default="docs", help="folder for testbed_efficacy.md and the PNG grid")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -338,25 +402,35 @@ def main(argv=None) -> int:
 
     def run(name, config, seed_list=seeds):
         result = evaluate_method(pipe, name, config, items, plain, seed_list, args.steps, copy_threshold=threshold)
-        log(f"{name:28s} {_describe(config):50s} own {result.own_ssim.mean():.3f} copies {result.copied.mean():.2f} "
+        log(
+            f"{name:28s} {_describe(config):50s} own {result.own_ssim.mean():.3f} copies {result.copied.mean():.2f} "
             f"mem-aligned {result.memorized_alignment.mean():.2f} plain-aligned {result.plain_alignment.mean():.2f} "
-            f"({result.seconds:.0f}s)")
+            f"({result.seconds:.0f}s)"
+        )
         return result
 
     # 2. the published settings at the testbed's guidance scale, and r below s
     cfg = run("CFG", GuardConfig(method="cfg", guidance_scale=s))
-    threshold_reason += (f" CFG samples of the memorized captions (s={s:g}) score median "
-                         f"{np.median(cfg.own_ssim):.3f}; {100 * cfg.copied.mean():.0f}% are above it.")
-    main_results = [cfg,
-                    run("GUARD (published)", GuardConfig(guidance_scale=s)),
-                    run("GUARD (released code)", GuardConfig.preset("guard-released", guidance_scale=s)),
-                    run("attenuation only", GuardConfig.preset("attenuation", guidance_scale=s)),
-                    run("GUARD r=1", GuardConfig(guidance_scale=s, repulsion_scale=1.0))]
-    related = [run(f"{name} (preset)", GuardConfig.preset(name, guidance_scale=s))
-               for name in ("ren", "jain", "jain-opposite", "somepalli")]
+    threshold_reason += (
+        f" CFG samples of the memorized captions (s={s:g}) score median "
+        f"{np.median(cfg.own_ssim):.3f}; {100 * cfg.copied.mean():.0f}% are above it."
+    )
+    main_results = [
+        cfg,
+        run("GUARD (published)", GuardConfig(guidance_scale=s)),
+        run("GUARD (released code)", GuardConfig.preset("guard-released", guidance_scale=s)),
+        run("attenuation only", GuardConfig.preset("attenuation", guidance_scale=s)),
+        run("GUARD r=1", GuardConfig(guidance_scale=s, repulsion_scale=1.0)),
+    ]
+    related = [
+        run(f"{name} (preset)", GuardConfig.preset(name, guidance_scale=s))
+        for name in ("ren", "jain", "jain-opposite", "somepalli")
+    ]
     # 3. the paper's guidance scale
-    high = [run("CFG s=7.5", GuardConfig(method="cfg", guidance_scale=7.5)),
-            run("GUARD (published) s=7.5", GuardConfig(guidance_scale=7.5))]
+    high = [
+        run("CFG s=7.5", GuardConfig(method="cfg", guidance_scale=7.5)),
+        run("GUARD (published) s=7.5", GuardConfig(guidance_scale=7.5)),
+    ]
 
     # 4. the sweep, chosen the paper's way, then re-measured on the main seeds
     sweep_results, confirm_results, chosen = [], [], None
@@ -366,8 +440,13 @@ def main(argv=None) -> int:
             for alpha in grid["sweep_alpha"]:
                 for r in grid["sweep_r"]:
                     for gate in grid["sweep_gate"]:
-                        config = GuardConfig(guidance_scale=s, spike_threshold=tau, spike_scale=alpha,
-                                             repulsion_scale=r, gate_cos_threshold=gate)
+                        config = GuardConfig(
+                            guidance_scale=s,
+                            spike_threshold=tau,
+                            spike_scale=alpha,
+                            repulsion_scale=r,
+                            gate_cos_threshold=gate,
+                        )
                         name = f"sweep tau={tau:g} a={alpha:g} r={r:g}" + ("" if gate is None else f" gate={gate:g}")
                         sweep_results.append(run(name, config, sweep_seeds))
         best = select_best(sweep_results, sweep_cfg)
@@ -376,7 +455,7 @@ def main(argv=None) -> int:
             eligible = sorted(eligible, key=lambda r: r.own_ssim.mean())[:4]
             fresh = list(range(200, 200 + args.confirm_seeds))
             confirm_cfg = run("CFG (confirmation seeds)", GuardConfig(method="cfg", guidance_scale=s), fresh)
-            confirm_results = [run(f"confirm {r.name[len('sweep '):]}", r.config, fresh) for r in eligible]
+            confirm_results = [run(f"confirm {r.name[len('sweep ') :]}", r.config, fresh) for r in eligible]
             best = select_best(confirm_results, confirm_cfg)
             confirm_results.insert(0, confirm_cfg)
         if best is not None:
@@ -388,23 +467,35 @@ def main(argv=None) -> int:
     default_result = chosen if chosen is not None else published
     if args.write_default:
         if chosen is not None:
-            where = (f"the sweep's eligible settings re-measured on {args.confirm_seeds} fresh seeds" if confirm_results
-                     else f"the sweep (tau x alpha x r at s={s:g}, {len(sweep_seeds)} seeds)")
-            reason = (f"lowest own-image SSIM in {where} among "
-                      f"settings whose memorized and plain alignment stay within {100 * ALIGNMENT_TOLERANCE:.0f}% of "
-                      f"CFG's; measured on {len(seeds)} other seeds: own SSIM {chosen.own_ssim.mean():.3f} vs CFG "
-                      f"{cfg.own_ssim.mean():.3f}, plain alignment {chosen.plain_alignment.mean():.2f} vs "
-                      f"{cfg.plain_alignment.mean():.2f}")
+            where = (
+                f"the sweep's eligible settings re-measured on {args.confirm_seeds} fresh seeds"
+                if confirm_results
+                else f"the sweep (tau x alpha x r at s={s:g}, {len(sweep_seeds)} seeds)"
+            )
+            reason = (
+                f"lowest own-image SSIM in {where} among "
+                f"settings whose memorized and plain alignment stay within {100 * ALIGNMENT_TOLERANCE:.0f}% of "
+                f"CFG's; measured on {len(seeds)} other seeds: own SSIM {chosen.own_ssim.mean():.3f} vs CFG "
+                f"{cfg.own_ssim.mean():.3f}, plain alignment {chosen.plain_alignment.mean():.2f} vs "
+                f"{cfg.plain_alignment.mean():.2f}"
+            )
         else:
             reason = "published GUARD setting (no sweep run or no sweep setting met the alignment rule)"
-        write_testbed_defaults(default_result.config, reason, threshold, threshold_reason,
-                               guidance_scale_reason=f"s={s:g}: the testbed's CFG renders plain prompts right "
-                                                     f"there; see docs/testbed_efficacy.md", folder=args.path)
+        write_testbed_defaults(
+            default_result.config,
+            reason,
+            threshold,
+            threshold_reason,
+            guidance_scale_reason=f"s={s:g}: the testbed's CFG renders plain prompts right "
+            f"there; see docs/testbed_efficacy.md",
+            folder=args.path,
+        )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = efficacy_grid([cfg, published] + ([chosen] if chosen is not None else []), items, plain,
-                         out / "testbed_efficacy_grid.png")
+    grid = efficacy_grid(
+        [cfg, published] + ([chosen] if chosen is not None else []), items, plain, out / "testbed_efficacy_grid.png"
+    )
     trig, other = trigger_flag_shares(published, items)
     report = [
         "# GUARD on the shipped testbed",
@@ -433,12 +524,23 @@ def main(argv=None) -> int:
         "",
     ]
     if sweep_results:
-        report += ["## Sweep (chosen the paper's way: lowest own SSIM with alignment no worse than 15% below CFG)",
-                   "", f"{len(sweep_seeds)} other seeds per prompt.", "", results_table(sweep_results), ""]
+        report += [
+            "## Sweep (chosen the paper's way: lowest own SSIM with alignment no worse than 15% below CFG)",
+            "",
+            f"{len(sweep_seeds)} other seeds per prompt.",
+            "",
+            results_table(sweep_results),
+            "",
+        ]
     if confirm_results:
-        report += ["## Confirmation (the sweep's best eligible settings on fresh seeds; the default is chosen here)",
-                   "", f"{args.confirm_seeds} seeds per prompt, disjoint from the sweep's and the main table's.", "",
-                   results_table(confirm_results), ""]
+        report += [
+            "## Confirmation (the sweep's best eligible settings on fresh seeds; the default is chosen here)",
+            "",
+            f"{args.confirm_seeds} seeds per prompt, disjoint from the sweep's and the main table's.",
+            "",
+            results_table(confirm_results),
+            "",
+        ]
     report += [
         "## Which tokens the spike rule flags (GUARD, published tau = 0.1)",
         "",
@@ -464,9 +566,16 @@ def main(argv=None) -> int:
         "",
     ]
     (out / "testbed_efficacy.md").write_text("\n".join(report))
-    (out / "testbed_efficacy.json").write_text(json.dumps(
-        {r.name: {"config": _describe(r.config), **{k: list(v) for k, v in r.summary().items()}}
-         for r in main_results + related + high + sweep_results + confirm_results}, indent=2) + "\n")
+    (out / "testbed_efficacy.json").write_text(
+        json.dumps(
+            {
+                r.name: {"config": _describe(r.config), **{k: list(v) for k, v in r.summary().items()}}
+                for r in main_results + related + high + sweep_results + confirm_results
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     log(f"wrote {out / 'testbed_efficacy.md'}")
     return 0
 

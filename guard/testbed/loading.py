@@ -18,8 +18,9 @@ from .pixel_vae import PixelIdentityVAE
 SAMPLING_FILE = "testbed_sampling.json"
 
 
-def assemble_pipeline(unet, text_encoder, tokenizer, vae=None, *, thresholding: bool = False,
-                      prediction_type: str = PREDICTION_TYPE) -> StableDiffusionPipeline:
+def assemble_pipeline(
+    unet, text_encoder, tokenizer, vae=None, *, thresholding: bool = False, prediction_type: str = PREDICTION_TYPE
+) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline around testbed components, with the pixel-space-safe DDIM scheduler."""
     with _quiet_clip_sample_rewrite():
         pipe = StableDiffusionPipeline(
@@ -52,9 +53,14 @@ def _restore_scheduler(pipe: StableDiffusionPipeline, thresholding: bool) -> Sta
     return pipe
 
 
-def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  path: str | Path | None = None, *, thresholding: bool | None = None,
-                  pipeline_class: type[StableDiffusionPipeline] = StableDiffusionPipeline) -> StableDiffusionPipeline:
+def load_pipeline(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: str | Path | None = None,
+    *,
+    thresholding: bool | None = None,
+    pipeline_class: type[StableDiffusionPipeline] = StableDiffusionPipeline,
+) -> StableDiffusionPipeline:
     """The trained testbed (shipped weights, or a folder written by ``guard.testbed.train``), ready to sample.
 
     ``thresholding=None`` uses the folder's recorded sampling choice (clipping unless it says otherwise).
@@ -72,7 +78,11 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     try:
         with _quiet_clip_sample_rewrite():
             pipe = pipeline_class.from_pretrained(
-                folder, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                folder,
+                dtype=dtype,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
                 local_files_only=True,
             )
     finally:

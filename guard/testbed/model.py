@@ -12,8 +12,8 @@ dominates the CPU cost, and the 32x32 up block has no attention for the same rea
 
 from __future__ import annotations
 
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .data import IMAGE_SIZE
 from .pixel_vae import PixelIdentityVAE

@@ -42,8 +42,13 @@ class PixelIdentityVAE(ModelMixin, ConfigMixin):
     """Encode and decode are the identity on images in [-1, 1]."""
 
     @register_to_config
-    def __init__(self, in_channels: int = 3, latent_channels: int = 3, block_out_channels: tuple[int, ...] = (1,),
-                 scaling_factor: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (1,),
+        scaling_factor: float = 1.0,
+    ):
         super().__init__()
         if in_channels != latent_channels:
             raise ValueError(f"latent_channels must equal in_channels ({in_channels}) for an identity map")

@@ -33,11 +33,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="run folder (checkpoints and exported pipeline)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--memorized-per-batch", type=int, default=5,
-                        help="rows of every batch that are memorized items (the duplication that makes copies)")
+    parser.add_argument(
+        "--memorized-per-batch",
+        type=int,
+        default=5,
+        help="rows of every batch that are memorized items (the duplication that makes copies)",
+    )
     parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--named-share", type=float, default=0.5,
-                        help="share of shape rows credited to a random made-up artist (see captions.py)")
+    parser.add_argument(
+        "--named-share",
+        type=float,
+        default=0.5,
+        help="share of shape rows credited to a random made-up artist (see captions.py)",
+    )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -48,12 +56,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=PREDICTION_TYPE)
-    parser.add_argument("--init-from", default=None,
-                        help="checkpoint.pt of another run whose EMA weights start this one (fresh optimizer, step 0)")
-    parser.add_argument("--init-unet-from", default=None,
-                        help="pipeline folder whose UNet weights start this run (text encoder fresh, step 0)")
-    parser.add_argument("--assets", default=None,
-                        help="folder with memorized.json and PNGs (default: the shipped ones, rendered if absent)")
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="checkpoint.pt of another run whose EMA weights start this one (fresh optimizer, step 0)",
+    )
+    parser.add_argument(
+        "--init-unet-from",
+        default=None,
+        help="pipeline folder whose UNet weights start this run (text encoder fresh, step 0)",
+    )
+    parser.add_argument(
+        "--assets",
+        default=None,
+        help="folder with memorized.json and PNGs (default: the shipped ones, rendered if absent)",
+    )
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "checkpoint_every", "threads"):
         if getattr(args, name) < 1:
@@ -129,8 +146,9 @@ def export_pipeline(unet, text_encoder, tokenizer, ema: EMA, folder: Path, asset
     ema.copy_to({"unet": ema_unet, "text_encoder": ema_text})
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    assemble_pipeline(ema_unet.eval(), ema_text.eval(), tokenizer, prediction_type=meta["prediction_type"]).save_pretrained(
-        tmp, safe_serialization=True)
+    assemble_pipeline(
+        ema_unet.eval(), ema_text.eval(), tokenizer, prediction_type=meta["prediction_type"]
+    ).save_pretrained(tmp, safe_serialization=True)
     shutil.copy(assets / MEMORIZED_INDEX, tmp / MEMORIZED_INDEX)
     shutil.copytree(assets / MEMORIZED_DIR_NAME, tmp / MEMORIZED_DIR_NAME)
     (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -160,9 +178,14 @@ def main(argv=None) -> Path:
     ema = EMA(modules, args.ema_decay)
     noise_scheduler = training_scheduler(args.prediction_type)
     alphas_cumprod = noise_scheduler.alphas_cumprod
-    stream = TrainingStream([it.image for it in items], [it.caption for it in items], seed=args.seed,
-                            memorized_per_batch=args.memorized_per_batch, caption_dropout=args.caption_dropout,
-                            named_share=args.named_share)
+    stream = TrainingStream(
+        [it.image for it in items],
+        [it.caption for it in items],
+        seed=args.seed,
+        memorized_per_batch=args.memorized_per_batch,
+        caption_dropout=args.caption_dropout,
+        named_share=args.named_share,
+    )
     step, elapsed, losses = 0, 0.0, []
 
     checkpoint_path = out / CHECKPOINT
@@ -170,8 +193,11 @@ def main(argv=None) -> Path:
         source = torch.load(args.init_from, weights_only=False)
         fresh = load_matching(modules, source["ema"])
         ema = EMA(modules, args.ema_decay)
-        print(f"initialised from the EMA weights of {args.init_from} (step {source['step']}); "
-              f"{len(fresh)} parameters new to this architecture", flush=True)
+        print(
+            f"initialised from the EMA weights of {args.init_from} (step {source['step']}); "
+            f"{len(fresh)} parameters new to this architecture",
+            flush=True,
+        )
     if args.init_unet_from and not (checkpoint_path.is_file() and not args.no_resume):
         from diffusers import UNet2DConditionModel
 
@@ -192,19 +218,45 @@ def main(argv=None) -> Path:
 
     def save(final: bool) -> None:
         recent = float(np.mean(losses[-100:])) if losses else float("nan")
-        meta = dict(steps=step, batch_size=args.batch_size, size=args.size, seed=args.seed, lr=args.lr,
-                    memorized_per_batch=args.memorized_per_batch, caption_dropout=args.caption_dropout,
-                    named_share=args.named_share, ema_decay=args.ema_decay, min_snr_gamma=args.min_snr_gamma, threads=args.threads,
-                    prediction_type=args.prediction_type, init_from=args.init_from or args.init_unet_from,
-                    train_seconds=round(elapsed, 1), loss_last_100_steps=recent)
-        torch.save(dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
-                        optimizer=optimizer.state_dict(), ema=ema.shadow, step=step, elapsed=elapsed, losses=losses,
-                        torch_rng=torch.get_rng_state(), numpy_rng=stream.rng.bit_generator.state,
-                        args=vars(args)), out / (CHECKPOINT + ".tmp"))
+        meta = dict(
+            steps=step,
+            batch_size=args.batch_size,
+            size=args.size,
+            seed=args.seed,
+            lr=args.lr,
+            memorized_per_batch=args.memorized_per_batch,
+            caption_dropout=args.caption_dropout,
+            named_share=args.named_share,
+            ema_decay=args.ema_decay,
+            min_snr_gamma=args.min_snr_gamma,
+            threads=args.threads,
+            prediction_type=args.prediction_type,
+            init_from=args.init_from or args.init_unet_from,
+            train_seconds=round(elapsed, 1),
+            loss_last_100_steps=recent,
+        )
+        torch.save(
+            dict(
+                unet=unet.state_dict(),
+                text_encoder=text_encoder.state_dict(),
+                optimizer=optimizer.state_dict(),
+                ema=ema.shadow,
+                step=step,
+                elapsed=elapsed,
+                losses=losses,
+                torch_rng=torch.get_rng_state(),
+                numpy_rng=stream.rng.bit_generator.state,
+                args=vars(args),
+            ),
+            out / (CHECKPOINT + ".tmp"),
+        )
         (out / (CHECKPOINT + ".tmp")).replace(checkpoint_path)
         export_pipeline(unet, text_encoder, tokenizer, ema, out / EXPORT_DIR, assets, meta)
-        print(f"step {step}: checkpoint and export written ({'final' if final else 'periodic'}), "
-              f"loss(last 100) {recent:.4f}, {elapsed / 60:.1f} min", flush=True)
+        print(
+            f"step {step}: checkpoint and export written ({'final' if final else 'periodic'}), "
+            f"loss(last 100) {recent:.4f}, {elapsed / 60:.1f} min",
+            flush=True,
+        )
 
     unet.train()
     text_encoder.train()
@@ -215,8 +267,9 @@ def main(argv=None) -> Path:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         images, captions = stream.batch(args.batch_size)
         clean = torch.from_numpy(images)
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         noise = torch.randn_like(clean)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],))
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
