@@ -5,8 +5,12 @@ not pay for importing diffusers until a pipeline is needed.
 """
 
 from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+try:  # the one version is pyproject.toml's
+    __version__ = version("guard")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "GuardConfig": "config",
