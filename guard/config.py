@@ -1,17 +1,19 @@
 """GUARD's sampling settings, validated once so that the sampler never runs on a bad value.
 
-Defaults are the published GUARD run (GUARD_SPEC sections 2-3); :data:`PRESETS` names the other
-published variants, including one that reproduces the paper's released code path.
+Defaults are the published GUARD run (Zhao et al., arXiv 2603.00133, sections 3-4 and their
+experimental setup); :data:`PRESETS` names the other published variants, including one that
+reproduces the paper's released code path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
+
+from guard_kernels.validation import real_number
 
 METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli")
 SCHEDULES = ("cosine", "linear", "sine", "constant")
@@ -25,14 +27,8 @@ _BLOCK_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 
 def _real(name: str, value: Any, *, minimum: float | None = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"GuardConfig.{name} must be a real number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"GuardConfig.{name} must be finite, got {number}")
-    if minimum is not None and number < minimum:
-        raise ValueError(f"GuardConfig.{name} must be >= {minimum}, got {number}")
-    return number
+    """The kernel's own check (guard_kernels.validation), so both refuse the same values alike."""
+    return real_number(f"GuardConfig.{name}", value, minimum=minimum)
 
 
 @dataclass(frozen=True)
@@ -41,8 +37,8 @@ class GuardConfig:
 
     method: "guard" (3 branches: unconditional, attenuated prompt, plain prompt), "attenuation"
         (CFG whose conditional branch is attenuated), "cfg" (plain classifier-free guidance), or
-        one of the related inference-time mitigations GUARD is compared with (GUARD_SPEC
-        section 6), all on 2 branches: "ren" (Ren et al. 2024: text positions after the prompt's
+        one of the related inference-time mitigations the paper compares GUARD with, all on
+        2 branches: "ren" (Ren et al. 2024: text positions after the prompt's
         EOS masked and the BOS logit scaled by ``bos_scale`` on the conditional rows, in every
         cross-attention layer), "jain" (Jain et al. 2025, static transition: guidance scale
         ``early_guidance_scale`` while the timestep exceeds ``transition_timestep``, then
@@ -56,13 +52,14 @@ class GuardConfig:
     blocks: module-name prefixes whose ``attn2`` layers are attenuated; every prefix must match
         at least one ``attn2`` module of the UNet it is installed on.
     orthogonalize, ortho_cos_threshold, ortho_coef_clip: the released code's optional removal of
-        the repulsion direction from the attraction direction (GUARD_SPEC section 3).
-    gate_cos_threshold: "guard" only, off (None) by default and not part of the paper: a per-image
-        memorization gate. At the first step, an image whose attenuated and plain-prompt guidance
+        the repulsion direction from the attraction direction (in the authors' released code, off in
+        the paper's runs).
+    gate_threshold: the memorization gate's threshold, "guard" only, off (None) by default and not
+        part of the paper. At the first step, an image whose attenuated and plain-prompt guidance
         directions agree above this cosine (attenuating its spike tokens barely moves the
-        prediction, so nothing in the prompt dominates it) is guided by plain classifier-free
-        guidance for the whole run; the others get GUARD. It costs no UNet call: both
-        predictions are GUARD's own branches. See :func:`guard.guidance.memorization_gate`.
+        prediction, so nothing in the prompt dominates it) is cleared: guided by plain
+        classifier-free guidance for the whole run; the others get GUARD. It costs no UNet call:
+        both predictions are GUARD's own branches. See :func:`guard.guidance.memorization_gate`.
     bos_scale: "ren" only, the BOS logit factor c1 on the conditional rows.
     transition_timestep, early_guidance_scale: "jain" only; the early scale enters the same
         formula ``eps_u + scale * (eps_c - eps_u)`` as ``guidance_scale``, so 1.0 means no
@@ -80,7 +77,7 @@ class GuardConfig:
     orthogonalize: bool = False
     ortho_cos_threshold: float = 0.9
     ortho_coef_clip: float = 2.0
-    gate_cos_threshold: Optional[float] = None
+    gate_threshold: Optional[float] = None
     bos_scale: float = 1.25
     transition_timestep: float = 500.0
     early_guidance_scale: float = 1.0
@@ -108,16 +105,16 @@ class GuardConfig:
         # Negative is Jain et al.'s "opposite guidance".
         set_(self, "early_guidance_scale", _real("early_guidance_scale", self.early_guidance_scale, minimum=None))
         set_(self, "embedding_noise_scale", _real("embedding_noise_scale", self.embedding_noise_scale))
-        if self.gate_cos_threshold is not None:
-            gate = _real("gate_cos_threshold", self.gate_cos_threshold, minimum=-1.0)
+        if self.gate_threshold is not None:
+            gate = _real("gate_threshold", self.gate_threshold, minimum=-1.0)
             if gate > 1.0:
-                raise ValueError(f"GuardConfig.gate_cos_threshold must be in [-1, 1] or None, got {gate}")
+                raise ValueError(f"GuardConfig.gate_threshold must be in [-1, 1] or None, got {gate}")
             if self.method != "guard":
                 raise ValueError(
-                    f"GuardConfig.gate_cos_threshold needs method 'guard' (it compares GUARD's attenuated and "
-                    f"plain-prompt branches), got method {self.method!r}; leave it None"
+                    f"GuardConfig.gate_threshold needs method 'guard' (the memorization gate compares GUARD's "
+                    f"attenuated and plain-prompt branches), got method {self.method!r}; leave it None"
                 )
-            set_(self, "gate_cos_threshold", gate)
+            set_(self, "gate_threshold", gate)
         if not isinstance(self.orthogonalize, bool):
             raise TypeError(f"GuardConfig.orthogonalize must be a bool, got {self.orthogonalize!r}")
         set_(self, "blocks", _validate_blocks(self.blocks))
@@ -173,7 +170,7 @@ def _validate_blocks(blocks: Any) -> tuple[str, ...]:
 #: variant (tau 0.01); "guard-released": the released code path (orthogonalisation left on);
 #: "cfg": plain classifier-free guidance, the unmitigated baseline; "ren", "jain" (no guidance
 #: before t = 500), "jain-opposite" (guidance scale -2 before it) and "somepalli": the related
-#: methods of GUARD_SPEC section 6 with their published settings.
+#: methods the paper compares with, at their published settings.
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         "guard": MappingProxyType({}),

@@ -99,7 +99,7 @@ def run_demo(
             }
         )
 
-    gated = reports["GUARD"].guided_plain  # (prompts, seeds) or None: the memorization gate's decisions
+    gated = reports["GUARD"].cleared  # (prompts, seeds) or None: the memorization gate's decisions
     grid_rows, labels, captions = [], [], []
     for i, prompt in enumerate(prompts):
         reference = items[i].image if i < len(items) else np.ones_like(training[0])
@@ -128,12 +128,12 @@ def run_demo(
         f"GUARD setting: s={guard_config.guidance_scale} r={guard_config.repulsion_scale} "
         f"({guard_config.repulsion_schedule}) tau={guard_config.spike_threshold} alpha={guard_config.spike_scale}"
         f"{' orthogonalised' if guard_config.orthogonalize else ''}"
-        f"{'' if gated is None else f' gate={guard_config.gate_cos_threshold}'}; CFG at s={cfg_config.guidance_scale}"
+        f"{'' if gated is None else f' gate={guard_config.gate_threshold}'}; CFG at s={cfg_config.guidance_scale}"
     )
     if gated is not None:
         print(
             f"memorization gate: images whose first-step attenuated and plain guidance agree above cosine "
-            f"{guard_config.gate_cos_threshold} are guided by plain CFG (GUARD* in the picture): "
+            f"{guard_config.gate_threshold} are guided by plain CFG (GUARD* in the picture): "
             f"{int(gated[: len(items)].sum())} of {gated[: len(items)].numel()} memorized-prompt samples, "
             f"{int(gated[len(items) :].sum())} of {gated[len(items) :].numel()} plain-prompt samples"
         )

@@ -1,4 +1,4 @@
-"""Combining the UNet's branch predictions into one guided noise prediction (GUARD_SPEC 3-4).
+"""Combining the UNet's branch predictions into one guided noise prediction (arXiv 2603.00133, sec. 3-4).
 
 Everything here is device-side tensor arithmetic with Python-float weights, so a sampler can call
 it every step without a host synchronisation (the orthogonalisation's per-image condition is a
@@ -12,6 +12,8 @@ import operator
 from typing import NamedTuple
 
 import torch
+
+from guard_kernels.validation import real_number
 
 from .config import GuardConfig
 
@@ -89,15 +91,20 @@ def _check_predictions(**predictions: torch.Tensor) -> None:
             )
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half precisions to float32 for reductions; float32 and float64 stay as they are."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.flatten(1).float(), dim=1)
+    return torch.linalg.vector_norm(_upcast(x.flatten(1)), dim=1)
 
 
 def _alignment(v_pos: torch.Tensor, v_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, in float32: the coefficient of ``v_pos`` projected on ``v_neg``, and their cosine
-    (both with the released code's epsilon)."""
-    pos = v_pos.flatten(1).float()
-    neg = v_neg.flatten(1).float()
+    """Per image, in float32 (float64 for float64 inputs): the coefficient of ``v_pos`` projected
+    on ``v_neg``, and their cosine (both with the released code's epsilon)."""
+    pos = _upcast(v_pos.flatten(1))
+    neg = _upcast(v_neg.flatten(1))
     dot = (pos * neg).sum(dim=1)
     pos_sq = (pos * pos).sum(dim=1)
     neg_sq = (neg * neg).sum(dim=1)
@@ -105,7 +112,7 @@ def _alignment(v_pos: torch.Tensor, v_neg: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig):
-    """Remove the repulsion direction from ``v_pos`` per image when the two nearly align (float32)."""
+    """Remove the repulsion direction from ``v_pos`` per image when the two nearly align."""
     coef, cosine = _alignment(v_pos, v_neg)
     clip = config.ortho_coef_clip
     shift = torch.where(cosine > config.ortho_cos_threshold, coef.clamp(-clip, clip), torch.zeros_like(coef))
@@ -116,19 +123,21 @@ def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig
 def memorization_gate(
     eps_u: torch.Tensor, eps_pos: torch.Tensor, eps_neg: torch.Tensor, config: GuardConfig
 ) -> torch.Tensor:
-    """Per image, True where GUARD should guide it plain (``config.gate_cos_threshold``; no host sync).
+    """Per image, True where the memorization gate clears it (``config.gate_threshold``; no host sync).
 
-    An image is judged not memorized when its attenuated and plain-prompt guidance directions
-    agree above the threshold: attenuating its spike tokens barely moved the prediction. Call it
-    on the first step's predictions and pass the result to every step as ``plain_images``.
+    An image is cleared (judged not memorized, and guided by plain CFG) when its attenuated and
+    plain-prompt guidance directions agree above the threshold: attenuating its spike tokens
+    barely moved the prediction. Call it on the first step's predictions and pass the result to
+    every step as ``cleared``.
     """
     if not isinstance(config, GuardConfig):
         raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
-    if config.gate_cos_threshold is None:
-        raise ValueError("memorization_gate needs a config with gate_cos_threshold set")
+    if config.gate_threshold is None:
+        raise ValueError("memorization_gate needs a config with gate_threshold set")
     _check_predictions(eps_u=eps_u, eps_pos=eps_pos, eps_neg=eps_neg)
-    cosine = _alignment(eps_pos.float() - eps_u.float(), eps_neg.float() - eps_u.float())[1]
-    return cosine > config.gate_cos_threshold
+    base = _upcast(eps_u)
+    cosine = _alignment(_upcast(eps_pos) - base, _upcast(eps_neg) - base)[1]
+    return cosine > config.gate_threshold
 
 
 def guard_guidance(
@@ -140,9 +149,9 @@ def guard_guidance(
     config: GuardConfig,
     *,
     return_norms: bool = False,
-    plain_images: torch.Tensor | None = None,
+    cleared: torch.Tensor | None = None,
 ):
-    """GUARD's guided prediction ``v_u + w_pos * v_pos - w_neg(i) * v_neg`` (GUARD_SPEC section 3).
+    """GUARD's guided prediction ``v_u + w_pos * v_pos - w_neg(i) * v_neg`` (arXiv 2603.00133, sec. 3).
 
     Args:
         eps_u, eps_pos, eps_neg: the unconditional, attenuated-prompt and plain-prompt predictions,
@@ -150,12 +159,13 @@ def guard_guidance(
         step_index, num_steps: position in the sampling loop (0-based), for the repulsion schedule.
         config: a :class:`GuardConfig` with ``method="guard"``.
         return_norms: also return :class:`GuidanceNorms` (device tensors; no host sync).
-        plain_images: optional bool tensor (B,), e.g. from :func:`memorization_gate`; those images
-            get classifier-free guidance on the plain prompt, ``eps_u + s * v_neg``, instead.
+        cleared: optional bool tensor (B,), the images the memorization gate cleared (see
+            :func:`memorization_gate`); they get classifier-free guidance on the plain prompt,
+            ``eps_u + s * v_neg``, instead, and their norms are those of that guidance.
 
     Returns ``eps_hat`` in the inputs' dtype, or ``(eps_hat, norms)``. With orthogonalisation the
-    arithmetic runs in float32; without it, in the inputs' dtype, so that with ``repulsion_scale``
-    0 it is bit-for-bit classifier-free guidance.
+    arithmetic runs in float32 (float64 for float64 inputs); without it, in the inputs' dtype, so
+    that with ``repulsion_scale`` 0 it is bit-for-bit classifier-free guidance.
     """
     if not isinstance(config, GuardConfig):
         raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
@@ -168,17 +178,17 @@ def guard_guidance(
     w_neg = repulsion_weight(step_index, num_steps, config)
     w_pos = config.guidance_scale
     if config.orthogonalize:
-        base = eps_u.float()
-        v_neg = eps_neg.float() - base
-        v_pos, cosine = _orthogonalize(eps_pos.float() - base, v_neg, config)
+        base = _upcast(eps_u)
+        v_neg = _upcast(eps_neg) - base
+        v_pos, cosine = _orthogonalize(_upcast(eps_pos) - base, v_neg, config)
         eps_hat = (base + w_pos * v_pos - w_neg * v_neg).to(eps_u.dtype)
     else:
         v_pos = eps_pos - eps_u
         v_neg = eps_neg - eps_u
         eps_hat = eps_u + w_pos * v_pos - w_neg * v_neg
         cosine = None
-    if plain_images is not None:
-        plain = _image_mask(plain_images, eps_u)
+    if cleared is not None:
+        plain = _image_mask(cleared, eps_u)
         per_image = plain.view((-1,) + (1,) * (eps_u.dim() - 1))
         eps_hat = torch.where(per_image, cfg_guidance(eps_u, eps_neg, w_pos), eps_hat)
     if not return_norms:
@@ -188,21 +198,20 @@ def guard_guidance(
     neg_norm = _per_image_norm(v_neg)
     attraction = w_pos * _per_image_norm(v_pos)
     repulsion = w_neg * neg_norm
-    if plain_images is not None:
+    if cleared is not None:  # what acted on a cleared image is CFG: no repulsion, no GUARD cosine
         attraction = torch.where(plain, w_pos * neg_norm, attraction)
         repulsion = torch.where(plain, torch.zeros_like(repulsion), repulsion)
+        cosine = torch.where(plain, torch.full_like(cosine, float("nan")), cosine)
     return eps_hat, GuidanceNorms(attraction=attraction, repulsion=repulsion, cosine=cosine)
 
 
 def _image_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"plain_images must be a bool tensor, got {mask!r}")
+        raise TypeError(f"cleared must be a bool tensor, got {mask!r}")
     if mask.shape != like.shape[:1]:
-        raise ValueError(
-            f"plain_images must have shape ({like.shape[0]},), one entry per image, got {tuple(mask.shape)}"
-        )
+        raise ValueError(f"cleared must have shape ({like.shape[0]},), one entry per image, got {tuple(mask.shape)}")
     if mask.device != like.device:
-        raise ValueError(f"plain_images is on {mask.device} but the predictions are on {like.device}")
+        raise ValueError(f"cleared is on {mask.device} but the predictions are on {like.device}")
     return mask
 
 
@@ -218,10 +227,7 @@ def cfg_guidance(
     For the "attenuation" method ``eps_cond`` is the attenuated conditional prediction.
     """
     _check_predictions(eps_u=eps_u, eps_cond=eps_cond)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a real number, got {guidance_scale!r}")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    guidance_scale = real_number("guidance_scale", guidance_scale)
     delta = eps_cond - eps_u
     eps_hat = eps_u + guidance_scale * delta
     if not return_norms:
@@ -273,13 +279,13 @@ def combine_predictions(
     *,
     timestep=None,
     return_norms: bool = False,
-    plain_images: torch.Tensor | None = None,
+    cleared: torch.Tensor | None = None,
 ):
     """Split one UNet output into the method's row groups and guide.
 
     ``noise_pred`` holds ``config.branches`` equal groups stacked on dim 0, in the order
     unconditional, attenuated (or conditional), and for "guard" the plain-prompt group.
-    ``timestep`` (the scheduler's, a scalar) is needed by "jain" only; ``plain_images`` ("guard"
+    ``timestep`` (the scheduler's, a scalar) is needed by "jain" only; ``cleared`` ("guard"
     only) is passed on to :func:`guard_guidance`.
     """
     if not isinstance(config, GuardConfig):
@@ -295,10 +301,10 @@ def combine_predictions(
     if config.method == "guard":
         eps_u, eps_pos, eps_neg = noise_pred.chunk(3)
         return guard_guidance(
-            eps_u, eps_pos, eps_neg, step_index, num_steps, config, return_norms=return_norms, plain_images=plain_images
+            eps_u, eps_pos, eps_neg, step_index, num_steps, config, return_norms=return_norms, cleared=cleared
         )
-    if plain_images is not None:
-        raise ValueError(f"plain_images needs method 'guard', got {config.method!r}")
+    if cleared is not None:
+        raise ValueError(f"cleared (the memorization gate's decision) needs method 'guard', got {config.method!r}")
     _step(step_index, num_steps)
     eps_u, eps_cond = noise_pred.chunk(2)
     if config.method == "jain":

@@ -51,11 +51,13 @@ class GuardReport:
 
     flag_counts: (prompts, layers, tokens) int64; entry [p, l, j] counts the (step, head, image)
         triples in which layer ``layer_names[l]`` flagged text position j of prompt p's attenuated
-        rows. Its maximum per layer is ``num_steps * layer_heads[l] * images_per_prompt``.
+        rows, over the images GUARD guided (a cleared image's flags did not act and are not
+        counted). Its maximum per layer is ``num_steps * layer_heads[l] * guided_images[p]``.
     attraction_norms, repulsion_norms, cosines: (steps, prompts, images) float32; see
-        :class:`guard.guidance.GuidanceNorms`.
-    guided_plain: (prompts, images) bool, the images that ``GuardConfig.gate_cos_threshold``
-        judged not memorized and guided with plain CFG; None when the gate is off.
+        :class:`guard.guidance.GuidanceNorms` (a cleared image's are those of its CFG guidance:
+        no repulsion, cosine NaN).
+    cleared: (prompts, images) bool, the images the memorization gate (``GuardConfig.gate_threshold``)
+        cleared, judged not memorized and guided by plain CFG; None when the gate is off.
     """
 
     config: GuardConfig
@@ -70,7 +72,7 @@ class GuardReport:
     attraction_norms: torch.Tensor
     repulsion_norms: torch.Tensor
     cosines: torch.Tensor
-    guided_plain: Optional[torch.Tensor] = None
+    cleared: Optional[torch.Tensor] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -120,9 +122,25 @@ class GuardReport:
         return self._cache["layers"]
 
     @property
-    def checks_per_prompt(self) -> int:
-        """How many (step, layer, head, image) spike decisions each text position of a prompt got."""
-        return self.num_steps * sum(self.layer_heads) * self.images_per_prompt
+    def guided_images(self) -> list[int]:
+        """Per prompt: how many images GUARD guided (all of them unless the gate cleared some)."""
+        if self.cleared is None:
+            return [self.images_per_prompt] * len(self.prompts)
+        return [int(n) for n in (~self.cleared).sum(dim=1).tolist()]
+
+    @property
+    def checks_per_prompt(self) -> list[int]:
+        """Per prompt: the (step, layer, head, image) spike decisions that acted on each of its text
+        positions (images the gate cleared excluded)."""
+        return [self.num_steps * sum(self.layer_heads) * images for images in self.guided_images]
+
+    def _guided_mean(self, values: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """Mean of (steps, prompts, images) ``values`` over ``dims``, counting only the images GUARD
+        guided (NaN where the gate cleared every one of them)."""
+        if self.cleared is None:
+            return values.mean(dim=dims)
+        keep = (~self.cleared).to(values.dtype).expand_as(values)
+        return (torch.nan_to_num(values) * keep).sum(dim=dims) / keep.sum(dim=dims)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (JSON-serialisable) for logs and files."""
@@ -135,9 +153,10 @@ class GuardReport:
             "flagged_tokens": self.flagged_tokens,
             "flagged_layers": self.flagged_layers,
             "repulsion_weights": list(self.repulsion_weights),
-            "guided_plain": None if self.guided_plain is None else self.guided_plain.tolist(),
+            "cleared": None if self.cleared is None else self.cleared.tolist(),
+            # per step and prompt, the mean over the images GUARD guided (None where the gate cleared all)
             "guidance_norms": {
-                name: [[_finite_or_none(x) for x in step] for step in values.mean(dim=2).tolist()]
+                name: [[_finite_or_none(x) for x in step] for step in self._guided_mean(values, (2,)).tolist()]
                 for name, values in self.guidance_norms.items()
             },
         }
@@ -148,12 +167,22 @@ class GuardReport:
             f"GUARD report: method={self.method}, {self.num_steps} steps, "
             f"{self.images_per_prompt} image(s) per prompt, {len(self.layer_names)} attenuated layer(s)"
         ]
-        checks = self.checks_per_prompt
         for p, prompt in enumerate(self.prompts):
+            checks = self.checks_per_prompt[p]
             lines.append(f"prompt {p}: {prompt!r}" if prompt is not None else f"prompt {p}: (embeddings)")
             tokens = self.flagged_tokens[p]
+            if self.cleared is not None:
+                cleared = [i for i, flag in enumerate(self.cleared[p].tolist()) if flag]
+                which = f" (image {', '.join(map(str, cleared))})" if cleared else ""
+                lines.append(
+                    f"  memorization gate (first-step cosine > {self.config.gate_threshold:g}): {len(cleared)} of "
+                    f"{self.images_per_prompt} image(s) cleared{which} and guided by plain CFG, "
+                    f"{self.images_per_prompt - len(cleared)} by GUARD"
+                )
             if not self.layer_names:
                 lines.append(f"  no spike attenuation (method {self.method!r})")
+            elif checks == 0 and self.num_steps:
+                lines.append("  no attenuation acted: every image was cleared by the memorization gate")
             elif not tokens:
                 lines.append("  no token flagged")
             positions = Counter(self.token_labels[p])
@@ -167,23 +196,28 @@ class GuardReport:
                 lines.append(f"  {token!r}: flagged {count}x{share} in {where}")
             if len(tokens) > max_tokens:
                 lines.append(f"  ... and {len(tokens) - max_tokens} more token(s)")
-            if self.guided_plain is not None:
-                plain = int(self.guided_plain[p].sum())
-                lines.append(
-                    f"  memorization gate (first-step cos > {self.config.gate_cos_threshold:g}): {plain} of "
-                    f"{self.images_per_prompt} image(s) guided plain, {self.images_per_prompt - plain} by GUARD"
-                )
-        if self.num_steps:
-            lines.append("step  w_neg   |attraction|  |repulsion|  cos(v_pos,v_neg)   (means over images)")
-            attraction = self.attraction_norms.flatten(1).mean(dim=1).tolist()
-            repulsion = self.repulsion_norms.flatten(1).mean(dim=1).tolist()
-            cosine = self.cosines.flatten(1).mean(dim=1).tolist()
-            for i in range(self.num_steps):
-                lines.append(
-                    f"{i:4d}  {self.repulsion_weights[i]:5.3f}  {attraction[i]:12.4g}  {repulsion[i]:11.4g}"
-                    f"  {_format_cos(cosine[i])}"
-                )
+        lines += self._step_table()
         return "\n".join(lines)
+
+    def _step_table(self) -> list[str]:
+        """Per-step GUARD terms, only for GUARD runs (other methods have no repulsion to show) and only
+        over the images GUARD guided."""
+        if self.method != "guard" or not self.num_steps:
+            return []
+        if self.cleared is not None and bool(self.cleared.all()):
+            return ["per-step GUARD terms: none, every image was cleared by the memorization gate (plain CFG)"]
+        over = "images" if self.cleared is None else "the images GUARD guided"
+        lines = [f"step  w_neg   |attraction|  |repulsion|  cos(v_pos,v_neg)   (means over {over})"]
+        attraction, repulsion, cosine = (
+            self._guided_mean(values, (1, 2)).tolist()
+            for values in (self.attraction_norms, self.repulsion_norms, self.cosines)
+        )
+        for i in range(self.num_steps):
+            lines.append(
+                f"{i:4d}  {self.repulsion_weights[i]:5.3f}  {attraction[i]:12.4g}  {repulsion[i]:11.4g}"
+                f"  {_format_cos(cosine[i])}"
+            )
+        return lines
 
     def __str__(self) -> str:
         return self.summary()

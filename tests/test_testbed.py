@@ -122,7 +122,7 @@ def test_shipped_default_is_the_sweep_choice_and_leaves_plain_prompts_alone(pipe
 
 def test_the_memorization_gate_sends_plain_prompts_to_cfg_and_memorized_ones_to_guard(pipe):
     default = default_guard_config()
-    if default.gate_cos_threshold is None:
+    if default.gate_threshold is None:
         pytest.fail("the shipped default has no memorization gate; this test describes the gated default")
     memorized = [item.caption for item in memorized_items()[:2]]
     plain = plain_prompts(2)
@@ -137,5 +137,5 @@ def test_the_memorization_gate_sends_plain_prompts_to_cfg_and_memorized_ones_to_
             guard_config=default,
             output_type="latent",
         ).report
-        gates[kind] = report.guided_plain.float().mean().item()
+        gates[kind] = report.cleared.float().mean().item()
     assert gates["plain"] >= 0.75 and gates["memorized"] <= 0.4, gates

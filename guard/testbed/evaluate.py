@@ -75,9 +75,9 @@ def flagged_shares(report, prompt_index: int) -> dict[str, float]:
 
 def _gated(report, prompts: int, seeds: int) -> np.ndarray:
     """(prompts, seeds) 1.0 where the memorization gate guided the image plain (all 0 without a gate)."""
-    if report.guided_plain is None:
+    if report.cleared is None:
         return np.zeros((prompts, seeds))
-    return report.guided_plain.numpy().astype(np.float64)
+    return report.cleared.numpy().astype(np.float64)
 
 
 def _interval(values) -> tuple[float, float]:
@@ -174,7 +174,7 @@ def evaluate_method(
         memorized_gated=_gated(memorized_report, len(items), len(seeds)),
         plain_gated=_gated(plain_report, len(plain), len(seeds)),
         memorized_images=memorized_images,
-        plain_images=plain_images,
+        cleared=plain_images,
         memorized_flags=[flagged_shares(memorized_report, i) for i in range(len(items))],
         plain_flags=[flagged_shares(plain_report, i) for i in range(len(plain))],
         seconds=time.perf_counter() - start,
@@ -262,8 +262,8 @@ def _describe(config: GuardConfig) -> str:
         text += f" r={config.repulsion_scale:g}"
         if config.orthogonalize:
             text += " ortho"
-        if config.gate_cos_threshold is not None:
-            text += f" gate={config.gate_cos_threshold:g}"
+        if config.gate_threshold is not None:
+            text += f" gate={config.gate_threshold:g}"
     return text
 
 
@@ -278,7 +278,7 @@ def results_table(results: list[MethodResult]) -> str:
         s = r.summary()
         gated = (
             "–"
-            if r.config.gate_cos_threshold is None
+            if r.config.gate_threshold is None
             else f"{100 * r.memorized_gated.mean():.0f} / {100 * r.plain_gated.mean():.0f}%"
         )
         lines.append(
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--sweep-gate",
         default="none,0.9,0.95",
-        help="memorization-gate cosines of the sweep ('none': no gate; GuardConfig.gate_cos_threshold)",
+        help="memorization-gate cosines of the sweep ('none': no gate; GuardConfig.gate_threshold)",
     )
     parser.add_argument(
         "--confirm-seeds",
@@ -445,7 +445,7 @@ def main(argv=None) -> int:
                             spike_threshold=tau,
                             spike_scale=alpha,
                             repulsion_scale=r,
-                            gate_cos_threshold=gate,
+                            gate_threshold=gate,
                         )
                         name = f"sweep tau={tau:g} a={alpha:g} r={r:g}" + ("" if gate is None else f" gate={gate:g}")
                         sweep_results.append(run(name, config, sweep_seeds))

@@ -268,6 +268,29 @@ def test_bad_arguments_raise_clear_errors(tiny, kwargs, error, message):
     assert not any(isinstance(p, GuardCrossAttnProcessor) for p in pipe.unet.attn_processors.values())
 
 
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (dict(prompt=[]), ValueError, "prompt is an empty list"),
+        (dict(prompt=None), ValueError, "pass prompt"),
+        (dict(prompt=["a", 3]), TypeError, "prompt must be a string or a list of strings"),
+        (dict(prompt="a", latents=torch.zeros(2, 4, 8, 8)), ValueError, r"latents must have shape \(1, 4, 8, 8\)"),
+        (dict(prompt="a", latents=torch.zeros(1, 4, 16, 16)), ValueError, r"got \(1, 4, 16, 16\)"),
+        (dict(prompt="a", num_images_per_prompt=2, latents=torch.zeros(1, 4, 8, 8)), ValueError, r"\(2, 4, 8, 8\)"),
+        (dict(prompt="a", latents=[[0.0]]), TypeError, "latents must be a torch.Tensor"),
+    ],
+)
+def test_bad_prompts_and_latents_fail_before_any_work(tiny, monkeypatch, call, error, message):
+    pipe, _ = tiny
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the text encoder ran before the arguments were checked")
+
+    monkeypatch.setattr(pipe, "encode_prompt", no_work)
+    with pytest.raises(error, match=message):
+        pipe(**call, num_inference_steps=STEPS, output_type="latent")
+
+
 def test_save_and_load(tmp_path):
     stock = stock_pipeline()
     stock.save_pretrained(tmp_path / "stock")
@@ -351,19 +374,61 @@ def test_memorization_gate_decides_per_image_on_the_first_step(tiny):
     latents = initial_latents(4)
     guard = run(pipe, GuardConfig(), latents=latents, num_images_per_prompt=2)
     cfg = run(pipe, "cfg", latents=latents, num_images_per_prompt=2)
-    everyone = run(pipe, GuardConfig(gate_cos_threshold=-1.0), latents=latents, num_images_per_prompt=2)
-    nobody = run(pipe, GuardConfig(gate_cos_threshold=1.0), latents=latents, num_images_per_prompt=2)
-    assert everyone.report.guided_plain.all() and not nobody.report.guided_plain.any()
+    everyone = run(pipe, GuardConfig(gate_threshold=-1.0), latents=latents, num_images_per_prompt=2)
+    nobody = run(pipe, GuardConfig(gate_threshold=1.0), latents=latents, num_images_per_prompt=2)
+    assert everyone.report.cleared.all() and not nobody.report.cleared.any()
     assert relative_error(everyone.images, cfg.images) <= 1e-5
     assert torch.equal(nobody.images, guard.images)
     # A threshold between the images' first-step cosines splits them, and each image follows its branch.
     first = guard.report.cosines[0]
     threshold = float(first.median())
-    mixed = run(pipe, GuardConfig(gate_cos_threshold=threshold), latents=latents, num_images_per_prompt=2)
-    plain = mixed.report.guided_plain
-    assert torch.equal(plain, first > threshold) and plain.any() and not plain.all()
-    flat = plain.flatten()
+    mixed = run(pipe, GuardConfig(gate_threshold=threshold), latents=latents, num_images_per_prompt=2)
+    cleared = mixed.report.cleared
+    assert torch.equal(cleared, first > threshold) and cleared.any() and not cleared.all()
+    flat = cleared.flatten()
     assert relative_error(mixed.images[flat], cfg.images[flat]) <= 1e-5
     assert relative_error(mixed.images[~flat], guard.images[~flat]) <= 1e-5
-    assert f"cos > {threshold:g}" in mixed.report.summary()
-    assert mixed.report.to_dict()["guided_plain"] == plain.tolist()
+    assert f"first-step cosine > {threshold:g}" in mixed.report.summary()
+    assert mixed.report.to_dict()["cleared"] == cleared.tolist()
+
+
+def test_report_counts_only_what_acted_on_the_images_guard_guided(tiny):
+    """A cleared image's attenuated rows still run, but its flags, repulsion and cosines did not act."""
+    pipe, _ = tiny
+    latents = initial_latents(4)
+    plain_run = run(pipe, GuardConfig(), latents=latents, num_images_per_prompt=2)
+    threshold = float(plain_run.report.cosines[0].median())
+    report = run(pipe, GuardConfig(gate_threshold=threshold), latents=latents, num_images_per_prompt=2).report
+    cleared = report.cleared
+    assert report.guided_images == (~cleared).sum(dim=1).tolist()
+    # Flags: a guided image's rows flag what they flag without the gate (rows do not interact); a
+    # cleared image's are not counted. One image per prompt makes each prompt's count one image's.
+    one = initial_latents(2)
+    ungated = run(pipe, GuardConfig(), latents=one).report
+    split = float(ungated.cosines[0].mean())
+    single = run(pipe, GuardConfig(gate_threshold=split), latents=one).report
+    assert single.cleared.flatten().tolist() in ([True, False], [False, True])
+    for p in range(2):
+        expected = torch.zeros_like(ungated.flag_counts[p]) if single.cleared[p, 0] else ungated.flag_counts[p]
+        assert torch.equal(single.flag_counts[p], expected)
+    assert ungated.flag_counts.sum() > 0
+    assert report.checks_per_prompt == [STEPS * sum(report.layer_heads) * n for n in report.guided_images]
+    everyone = run(pipe, GuardConfig(gate_threshold=-1.0), latents=latents, num_images_per_prompt=2).report
+    assert everyone.flag_counts.sum() == 0 and everyone.flagged_tokens == [{}, {}]
+    assert "every image was cleared" in everyone.summary() and "step  w_neg" not in everyone.summary()
+    # Norms: a cleared image has no repulsion and no GUARD cosine; the table averages the guided ones.
+    assert torch.all(report.repulsion_norms.permute(1, 2, 0)[cleared] == 0)
+    assert torch.isnan(report.cosines.permute(1, 2, 0)[cleared]).all()
+    guided_repulsion = report.repulsion_norms.permute(1, 2, 0)[~cleared].mean(dim=0)
+    table = report.summary().split("means over the images GUARD guided)")[1].strip().splitlines()
+    assert [float(line.split()[3]) for line in table] == pytest.approx(guided_repulsion.tolist(), rel=1e-3)
+    for p in range(2):
+        names = ", ".join(str(i) for i in range(2) if cleared[p, i])
+        if names:
+            assert f"cleared (image {names})" in report.summary()
+
+
+def test_cfg_report_prints_no_step_table(tiny):
+    pipe, _ = tiny
+    summary = run(pipe, "cfg").report.summary()
+    assert "step  w_neg" not in summary and "no spike attenuation (method 'cfg')" in summary

@@ -1,12 +1,11 @@
-"""GuardConfig validation and presets, and the guidance arithmetic (GUARD_SPEC sections 3-4)."""
+"""The guidance arithmetic (arXiv 2603.00133, sec. 3-4): GUARD, CFG, the transition rule and the gate."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from guard.config import DEFAULT_BLOCKS, PRESETS, GuardConfig
+from guard.config import GuardConfig
 from guard.guidance import (
     cfg_guidance,
     combine_predictions,
@@ -15,102 +14,6 @@ from guard.guidance import (
     repulsion_weight,
     transition_guidance,
 )
-
-
-def test_defaults_are_the_published_guard_run():
-    config = GuardConfig()
-    assert config.method == "guard"
-    assert (config.guidance_scale, config.repulsion_scale, config.repulsion_schedule) == (7.5, 2.0, "cosine")
-    assert (config.spike_threshold, config.spike_scale) == (0.1, 0.3)
-    assert config.blocks == ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block") == DEFAULT_BLOCKS
-    assert config.orthogonalize is False
-    assert (config.ortho_cos_threshold, config.ortho_coef_clip) == (0.9, 2.0)
-    assert config.branches == 3
-
-
-def test_presets():
-    assert set(PRESETS) == {
-        "guard",
-        "attenuation",
-        "guard-released",
-        "cfg",
-        "ren",
-        "jain",
-        "jain-opposite",
-        "somepalli",
-    }
-    assert GuardConfig.preset("guard") == GuardConfig()
-    attenuation = GuardConfig.preset("attenuation")
-    assert (attenuation.method, attenuation.spike_threshold, attenuation.spike_scale) == ("attenuation", 0.01, 0.3)
-    assert attenuation.branches == 2
-    released = GuardConfig.preset("guard-released")
-    assert released.orthogonalize and released.method == "guard"
-    assert GuardConfig.preset("cfg").method == "cfg" and not GuardConfig.preset("cfg").attenuates
-    assert GuardConfig.preset("attenuation", guidance_scale=5.0).guidance_scale == 5.0
-    assert GuardConfig.preset("ren").bos_scale == 1.25
-    jain = GuardConfig.preset("jain")
-    assert (jain.transition_timestep, jain.early_guidance_scale) == (500.0, 1.0)
-    assert GuardConfig.preset("jain-opposite").early_guidance_scale == -2.0
-    assert GuardConfig.preset("somepalli").embedding_noise_scale == 0.1
-    assert not any(GuardConfig.preset(name).attenuates for name in ("cfg", "ren", "jain", "somepalli"))
-    with pytest.raises(ValueError, match="unknown GuardConfig preset 'nope'"):
-        GuardConfig.preset("nope")
-    with pytest.raises(TypeError, match="unknown GuardConfig field"):
-        GuardConfig.preset("guard", tau=0.2)
-    with pytest.raises(TypeError):
-        PRESETS["guard"]["method"] = "cfg"  # presets are read-only
-
-
-def test_config_is_frozen_and_replace_validates():
-    config = GuardConfig()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        config.method = "cfg"
-    assert config.replace(repulsion_scale=0).repulsion_scale == 0.0
-    with pytest.raises(ValueError, match="repulsion_scale must be >= 0"):
-        config.replace(repulsion_scale=-1)
-    assert GuardConfig(blocks=["mid_block"]).blocks == ("mid_block",)
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        ({"method": "pag"}, ValueError, "method must be one of"),
-        ({"repulsion_schedule": "exp"}, ValueError, "repulsion_schedule must be one of"),
-        ({"guidance_scale": -1.0}, ValueError, "guidance_scale must be >= 0"),
-        ({"repulsion_scale": -0.5}, ValueError, "repulsion_scale must be >= 0"),
-        ({"spike_scale": -0.1}, ValueError, "spike_scale must be >= 0"),
-        ({"ortho_coef_clip": -2.0}, ValueError, "ortho_coef_clip must be >= 0"),
-        ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be finite"),
-        ({"spike_threshold": float("inf")}, ValueError, "spike_threshold must be finite"),
-        ({"spike_scale": "0.3"}, TypeError, "spike_scale must be a real number"),
-        ({"repulsion_scale": True}, TypeError, "repulsion_scale must be a real number"),
-        ({"ortho_cos_threshold": 1.5}, ValueError, r"ortho_cos_threshold must be in \[-1, 1\]"),
-        ({"orthogonalize": 1}, TypeError, "orthogonalize must be a bool"),
-        ({"blocks": ()}, ValueError, "blocks must name at least one"),
-        ({"blocks": "mid_block"}, TypeError, "got the string 'mid_block'"),
-        ({"blocks": ("down_blocks..0",)}, ValueError, "dotted module-name prefixes"),
-        ({"blocks": (" mid_block",)}, ValueError, "dotted module-name prefixes"),
-        ({"blocks": ("mid_block.",)}, ValueError, "dotted module-name prefixes"),
-        ({"blocks": ("mid_block", 3)}, ValueError, "dotted module-name prefixes"),
-        ({"blocks": ("mid_block", "mid_block")}, ValueError, "duplicates"),
-        ({"blocks": 5}, TypeError, "sequence of module-name prefixes"),
-        ({"bos_scale": -1.0}, ValueError, "bos_scale must be >= 0"),
-        ({"transition_timestep": float("nan")}, ValueError, "transition_timestep must be finite"),
-        ({"early_guidance_scale": float("-inf")}, ValueError, "early_guidance_scale must be finite"),
-        ({"embedding_noise_scale": -0.1}, ValueError, "embedding_noise_scale must be >= 0"),
-        ({"gate_cos_threshold": 1.01}, ValueError, r"gate_cos_threshold must be in \[-1, 1\]"),
-        ({"gate_cos_threshold": -1.5}, ValueError, "gate_cos_threshold must be >= -1"),
-        ({"gate_cos_threshold": "0.9"}, TypeError, "gate_cos_threshold must be a real number"),
-        ({"gate_cos_threshold": 0.9, "method": "attenuation"}, ValueError, "gate_cos_threshold needs method 'guard'"),
-    ],
-)
-def test_bad_configs_raise_clear_errors(kwargs, error, message):
-    with pytest.raises(error, match=message):
-        GuardConfig(**kwargs)
-
-
-def test_negative_threshold_is_a_valid_z_score():
-    assert GuardConfig(spike_threshold=-0.5).spike_threshold == -0.5
 
 
 @pytest.mark.parametrize(
@@ -264,27 +167,27 @@ def test_memorization_gate_marks_images_whose_attenuation_barely_moves_the_predi
     v_pos, v_neg = (eps_pos[2] - eps_u[2]).flatten(), (eps_neg[2] - eps_u[2]).flatten()
     cosine = float(v_pos @ v_neg / (v_pos.norm() * v_neg.norm()))
     for threshold, third in ((cosine - 1e-3, True), (cosine + 1e-3, False)):
-        gate = memorization_gate(eps_u, eps_pos, eps_neg, GuardConfig(gate_cos_threshold=threshold))
+        gate = memorization_gate(eps_u, eps_pos, eps_neg, GuardConfig(gate_threshold=threshold))
         assert gate.dtype == torch.bool and gate.tolist() == [True, False, third]
-    with pytest.raises(ValueError, match="gate_cos_threshold set"):
+    with pytest.raises(ValueError, match="gate_threshold set"):
         memorization_gate(eps_u, eps_pos, eps_neg, GuardConfig())
 
 
 def test_gated_images_get_plain_cfg_and_the_others_guard():
     eps_u, eps_pos, eps_neg = _predictions(batch=3)
-    config = GuardConfig(guidance_scale=3.0, repulsion_scale=1.0, gate_cos_threshold=0.5)
+    config = GuardConfig(guidance_scale=3.0, repulsion_scale=1.0, gate_threshold=0.5)
     plain = torch.tensor([True, False, True])
-    out, norms = guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, plain_images=plain, return_norms=True)
+    out, norms = guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, cleared=plain, return_norms=True)
     guard_only = guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config)
     cfg = cfg_guidance(eps_u, eps_neg, 3.0)
     assert torch.equal(out[plain], cfg[plain]) and torch.equal(out[~plain], guard_only[~plain])
     assert norms.repulsion[plain].eq(0).all() and norms.repulsion[~plain].gt(0).all()
     torch.testing.assert_close(norms.attraction[plain], 3.0 * (eps_neg - eps_u)[plain].flatten(1).norm(dim=1))
-    via_groups = combine_predictions(torch.cat([eps_u, eps_pos, eps_neg]), 0, 4, config, plain_images=plain)
+    via_groups = combine_predictions(torch.cat([eps_u, eps_pos, eps_neg]), 0, 4, config, cleared=plain)
     assert torch.equal(via_groups, out)
     with pytest.raises(TypeError, match="bool tensor"):
-        guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, plain_images=torch.ones(3))
+        guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, cleared=torch.ones(3))
     with pytest.raises(ValueError, match="one entry per image"):
-        guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, plain_images=torch.ones(2, dtype=torch.bool))
+        guard_guidance(eps_u, eps_pos, eps_neg, 0, 4, config, cleared=torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="needs method 'guard'"):
-        combine_predictions(torch.cat([eps_u, eps_pos]), 0, 4, GuardConfig(method="cfg"), plain_images=plain)
+        combine_predictions(torch.cat([eps_u, eps_pos]), 0, 4, GuardConfig(method="cfg"), cleared=plain)
