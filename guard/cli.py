@@ -1,9 +1,15 @@
-"""The ``guard`` command: generate with GUARD, or run the offline memorization demo."""
+"""The ``guard`` command: generate with GUARD, or run the offline memorization demo.
+
+Every user error, whether argparse catches it or it surfaces after parsing (a bad setting, a
+device this torch build lacks, a model folder whose UNet blocks differ from the chosen ones), is
+one line on stderr and exit status 2; set ``GUARD_DEBUG=1`` to see the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -11,6 +17,7 @@ from typing import Optional, Sequence
 
 #: "org/name" with no path separators beyond the one slash: what a Hugging Face hub id looks like.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEBUG_ENV = "GUARD_DEBUG"
 
 
 class CLIError(Exception):
@@ -56,50 +63,69 @@ def _gate_value(text: str):
     return value
 
 
-def is_testbed_folder(path: Path) -> bool:
-    """A folder written by ``guard.testbed.train`` (pixel-space VAE, its own sampling settings)."""
-    return (path / "memorized.json").is_file()
+def _blocks(text: str) -> tuple[str, ...]:
+    """Comma-separated module-name prefixes, e.g. ``down_blocks.0,mid_block`` (checked by GuardConfig)."""
+    blocks = tuple(part.strip() for part in text.split(","))
+    if not all(blocks):
+        raise argparse.ArgumentTypeError(f"expected comma-separated module prefixes like 'mid_block', got {text!r}")
+    return blocks
 
 
-def load_guard_pipeline(model: Optional[str], device: str = "cpu", dtype=None):
+def resolve_device(text: str):
+    """A torch.device that this machine and torch build can use, or a CLIError saying why not."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise CLIError(
+                f"--device {text}: no CUDA device is usable (torch {torch.__version__} is {build}); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {text}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {text}: guard runs on cpu, cuda or mps, not {device.type}")
+    return device
+
+
+def load_guard_pipeline(model: Optional[str], device="cpu", dtype=None):
     """The shipped testbed (``model=None``), a local diffusers folder, or a hub id, as a GUARD pipeline."""
     import torch
 
     from .pipeline import StableDiffusionGuardPipeline
+    from .testbed.loading import is_testbed_folder, load_pipeline
 
     dtype = dtype or torch.float32
     path = None if model is None else Path(model).expanduser()
     if path is None or (path.is_dir() and is_testbed_folder(path)):
-        from .testbed import load_pipeline
-
         return load_pipeline(device=device, dtype=dtype, path=path, pipeline_class=StableDiffusionGuardPipeline)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise CLIError(f"{path} is not a diffusers pipeline folder (no model_index.json in it)")
-        return StableDiffusionGuardPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+        return StableDiffusionGuardPipeline.from_pretrained(path, dtype=dtype).to(device)
     if not _HUB_ID.match(model):
         raise CLIError(f"no model folder at {path} (and {model!r} is not a hub id like 'org/name')")
     try:
-        return StableDiffusionGuardPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+        return StableDiffusionGuardPipeline.from_pretrained(model, dtype=dtype).to(device)
     except (OSError, ValueError) as error:
         raise CLIError(f"could not load {model!r} from the hub or its cache: {error}") from error
 
 
-def testbed_guard_config(model: Optional[str]):
-    """The GUARD setting recorded with a testbed folder (the shipped one for None), else the published one."""
-    from .config import GuardConfig
-    from .testbed import default_guard_config
+def _is_testbed(model: Optional[str]) -> bool:
+    from .testbed.loading import is_testbed_folder
 
-    try:
-        return default_guard_config(model)
-    except FileNotFoundError:
-        if model is None:
-            raise  # the shipped testbed always carries its setting
-        return GuardConfig.preset("guard")
+    return model is None or is_testbed_folder(Path(model).expanduser())
 
 
 def _guard_config(args, is_testbed: bool):
     from .config import GuardConfig
+    from .testbed.defaults import testbed_guard_config
 
     method = getattr(args, "method", "guard")  # `guard demo` has no --method: it always shows GUARD
     if is_testbed:
@@ -113,7 +139,8 @@ def _guard_config(args, is_testbed: bool):
         "repulsion_scale": args.repulsion_scale,
         "spike_threshold": args.spike_threshold,
         "spike_scale": args.spike_scale,
-        "gate_cos_threshold": args.gate_cos_threshold,
+        "gate_threshold": args.gate_threshold,
+        "blocks": args.blocks,
     }
     overrides = {key: (None if value == "off" else value) for key, value in overrides.items() if value is not None}
     try:
@@ -130,9 +157,10 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out must name a .png file, got {out}")
-    is_testbed = args.model is None or is_testbed_folder(Path(args.model).expanduser())
+    is_testbed = _is_testbed(args.model)
     config = _guard_config(args, is_testbed=is_testbed)  # bad numbers fail before any loading
-    pipe = load_guard_pipeline(args.model, device=args.device)
+    device = resolve_device(args.device)
+    pipe = load_guard_pipeline(args.model, device=device)
     pipe.set_progress_bar_config(desc=f"{config.method} ({args.steps} steps)")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(
@@ -151,14 +179,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .testbed.demo import run_demo
 
-    if args.model is not None and not is_testbed_folder(Path(args.model).expanduser()):
+    if not _is_testbed(args.model):
         raise CLIError(f"--model must be a testbed folder written by guard.testbed.train, got {args.model}")
     config = _guard_config(args, is_testbed=True)  # the folder's recorded setting with any overrides
-    run_demo(
-        out=Path(args.out), seeds=args.seeds, steps=args.steps, device=args.device, model=args.model, config=config
-    )
+    device = resolve_device(args.device)
+    run_demo(out=Path(args.out), seeds=args.seeds, steps=args.steps, device=device, model=args.model, config=config)
     return 0
 
 
@@ -169,17 +196,25 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spike-threshold", type=_finite_float, default=None)
     parser.add_argument("--spike-scale", type=_finite_float, default=None)
     parser.add_argument(
-        "--gate-cos-threshold",
+        "--gate-threshold",
         type=_gate_value,
         default=None,
-        help="GUARD's optional memorization gate (a cosine, or 'off'); see GuardConfig",
+        help="the memorization gate's cosine threshold, or 'off' (GuardConfig.gate_threshold)",
     )
+    parser.add_argument(
+        "--blocks",
+        type=_blocks,
+        default=None,
+        help="comma-separated UNet module prefixes whose cross-attention is attenuated "
+        "(default: down_blocks.0,down_blocks.1,down_blocks.2,mid_block)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="guard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="guard", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate images for a prompt and report the attenuated tokens")
@@ -191,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--images", type=_positive_int, default=4)
     gen.add_argument("--out", default="guard.png", help="PNG file to write")
     _add_setting_options(gen)
-    gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=cmd_generate)
 
     demo = commands.add_parser("demo", help="memorized and plain prompts under CFG and GUARD, side by side")
@@ -199,19 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=_positive_int, default=3)
     demo.add_argument("--steps", type=_positive_int, default=20)
     demo.add_argument("--model", default=None, help="a testbed folder (default: the shipped testbed)")
-    demo.add_argument("--device", default="cpu")
     _add_setting_options(demo)
     demo.set_defaults(run=cmd_demo)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if "GuardConfig.blocks" in text:
+        text += " (choose them with --blocks)"
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._quiet import quiet_optional_imports
+
+    quiet_optional_imports()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except CLIError as error:
-        print(f"guard: error: {error}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, OSError, RuntimeError) as error:
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        print(f"guard: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("guard: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 LABEL_HEIGHT = 16
+LEGEND_LINE = 13
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 
@@ -59,11 +60,13 @@ def image_grid(
     column_labels: Optional[Sequence[str]] = None,
     captions: Optional[Sequence[Sequence[str]]] = None,
     label_width: int = 0,
+    legend: Sequence[str] = (),
 ) -> Image.Image:
     """Lay ``rows`` of images out as a grid of ``cell``-pixel squares.
 
     ``column_labels`` go above the columns, ``row_labels`` in a left margin of ``label_width``
-    pixels (word-wrapped), ``captions[r][c]`` under each image (e.g. a score).
+    pixels (word-wrapped), ``captions[r][c]`` under each image (e.g. a score), and ``legend``
+    lines (what the captions' marks mean) below the grid, word-wrapped to its width.
     """
     if not rows or not all(rows):
         raise ValueError("image_grid needs at least one non-empty row")
@@ -73,10 +76,13 @@ def image_grid(
     if row_labels is not None and label_width == 0:
         label_width = 2 * cell
     width = label_width + columns * cell
-    height = header + len(rows) * (cell + caption_height)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_lines = [line for text in legend for line in _wrap(measure, text, width - 6, font)]
+    grid_height = header + len(rows) * (cell + caption_height)
+    height = grid_height + (LEGEND_LINE * len(legend_lines) + 6 if legend_lines else 0)
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
     if column_labels is not None:
         for c, label in enumerate(column_labels):
             draw.text((label_width + c * cell + 3, 2), _fit_text(draw, label, cell - 6, font), fill=TEXT, font=font)
@@ -90,4 +96,6 @@ def image_grid(
             if captions is not None and captions[r][c]:
                 text = _fit_text(draw, captions[r][c], cell - 6, font)
                 draw.text((label_width + c * cell + 3, top + cell + 2), text, fill=TEXT, font=font)
+    for i, line in enumerate(legend_lines):
+        draw.text((3, grid_height + 4 + i * LEGEND_LINE), line, fill=TEXT, font=font)
     return canvas

@@ -1,11 +1,16 @@
 """The ``guard`` command end to end on the shipped testbed (few steps), and its user errors."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from guard.cli import _guard_config, build_parser, main
 from guard.testbed import default_guard_config
+from guard.testbed.demo import LEGEND, sample_caption
 from guard.visualize import enlarge, image_grid
 
 
@@ -47,7 +52,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--seeds", "1", "--steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "memorized | CFG" in printed and "memorized | GUARD" in printed and "plain | GUARD" in printed
-    assert Image.open(out).size[0] > 400
+    width, height = Image.open(out).size
+    assert width > 400
+    # 8 prompt rows of 112 px cells with captions, a header, and the legend below them
+    assert height > 16 + 8 * (112 + 16) + 3 * 13
 
 
 def test_demo_takes_setting_overrides(tmp_path, capsys):
@@ -66,7 +74,7 @@ def test_demo_takes_setting_overrides(tmp_path, capsys):
         "0.4",
         "--repulsion-scale",
         "0.25",
-        "--gate-cos-threshold",
+        "--gate-threshold",
         "0.9",
     ]
     assert main(argv) == 0
@@ -82,13 +90,50 @@ def test_demo_takes_setting_overrides(tmp_path, capsys):
         (["demo", "--repulsion-scale", "-1"], "repulsion_scale"),
         (["generate", "x", "--out", "sample.jpg"], "--out must name a .png file"),
         (["generate", "x", "--spike-scale", "-1"], "spike_scale must be >= 0"),
-        (["generate", "x", "--method", "cfg", "--gate-cos-threshold", "0.9"], "needs method 'guard'"),
+        (["generate", "x", "--method", "cfg", "--gate-threshold", "0.9"], "needs method 'guard'"),
+        (["generate", "x", "--device", "gpu"], "unknown device 'gpu'"),
+        (["generate", "x", "--device", "cuda:7"], "--device cuda:7"),
+        (["demo", "--device", "meta"], "--device meta"),
+        (["generate", "x", "--blocks", "down_blocks.7"], "'down_blocks.7' matches no cross-attention"),
+        (["generate", "x", "--blocks", "mid_block,mid_block"], "duplicates"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert err.startswith("guard: error: ") and err.count("\n") == 1
+
+
+def test_blocks_option_chooses_the_attenuated_layers(tmp_path, capsys):
+    out = tmp_path / "mid.png"
+    argv = ["generate", "a red circle on a blue background", "--steps", "1", "--images", "1", "--out", str(out)]
+    assert main(argv + ["--blocks", "mid_block", "--gate-threshold", "off"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 attenuated layer(s)" in printed and "down_blocks" not in printed.split("step  w_neg")[0]
+
+
+def test_the_command_prints_no_torchvision_notice(tmp_path):
+    """transformers' "requires torchvision (not installed)" notice is noise to a guard user."""
+    env = {key: value for key, value in os.environ.items() if key != "GUARD_DEBUG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "guard.cli", "generate", "a red circle on a blue background", "--steps", "1",
+         "--images", "1", "--out", str(tmp_path / "x.png")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torchvision" not in done.stderr and "Loading pipeline components" not in done.stderr
+
+
+def test_demo_captions_name_the_image_a_sample_copies():
+    names = ["astronaut", "coffee"]
+    assert sample_caption("CFG", 0.94, 0, 0.94, 0, 0.5, names) == "CFG copy 0.94"
+    # Low own-image SSIM, but the nearest training image is another memorized one: a copy, not a success.
+    assert sample_caption("GUARD", 0.2, 1, 0.9, 0, 0.5, names) == "GUARD copy of coffee"
+    assert sample_caption("GUARD*", 0.2, 0, 0.3, 0, 0.5, names) == "GUARD* SSIM 0.20"
+    assert sample_caption("CFG", None, 1, 0.8, None, 0.5, names, aligned=True) == "CFG copy of coffee"
+    assert sample_caption("CFG", None, 1, 0.3, None, 0.5, names, aligned=False) == "CFG off"
+    assert any("GUARD*" in line for line in LEGEND) and any("off" in line for line in LEGEND)
 
 
 def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path, capsys):
@@ -104,8 +149,8 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path, capsys):
         ["generate", "x", "--images", "two"],
         ["generate", "x", "--guidance-scale", "nan"],
         ["demo", "--seeds", "-1"],
-        ["generate", "x", "--gate-cos-threshold", "1.5"],
-        ["generate", "x", "--gate-cos-threshold", "maybe"],
+        ["generate", "x", "--gate-threshold", "1.5"],
+        ["generate", "x", "--gate-threshold", "maybe"],
     ],
 )
 def test_bad_options_are_rejected_by_the_parser(argv, capsys):
@@ -122,6 +167,9 @@ def test_grid_layout_and_nearest_neighbour_enlargement():
     assert big.shape == (8, 8, 3) and set(np.unique(big)) == {0, 255}  # no blurred in-between values
     grid = image_grid([[tile, tile], [tile]], cell=8, column_labels=["a", "b"], captions=[["x", "y"], ["z"]])
     assert grid.size == (16, 16 + 2 * (8 + 16))
+    with_legend = image_grid([[tile, tile]], cell=64, legend=["GUARD*: cleared by the gate", "off: misaligned"])
+    assert with_legend.size[1] > 64 + 2 * 13  # two legend lines below the row
+    assert np.asarray(with_legend)[64:].min() < 128  # and they are drawn
     with pytest.raises(ValueError, match="non-empty row"):
         image_grid([])
 
@@ -136,7 +184,7 @@ def test_every_method_runs_at_the_testbed_guidance_scale_and_the_gate_can_be_set
     assert (
         _guard_config(parser.parse_args(["generate", "x", "--method", "cfg"]), is_testbed=False).guidance_scale == 7.5
     )
-    gated = _guard_config(parser.parse_args(["generate", "x", "--gate-cos-threshold", "0.8"]), is_testbed=True)
-    assert gated.gate_cos_threshold == 0.8
-    off = _guard_config(parser.parse_args(["generate", "x", "--gate-cos-threshold", "off"]), is_testbed=True)
-    assert off.gate_cos_threshold is None and off.replace(gate_cos_threshold=shipped.gate_cos_threshold) == shipped
+    gated = _guard_config(parser.parse_args(["generate", "x", "--gate-threshold", "0.8"]), is_testbed=True)
+    assert gated.gate_threshold == 0.8
+    off = _guard_config(parser.parse_args(["generate", "x", "--gate-threshold", "off"]), is_testbed=True)
+    assert off.gate_threshold is None and off.replace(gate_threshold=shipped.gate_threshold) == shipped

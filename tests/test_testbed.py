@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from guard.config import GuardConfig
-from guard.metrics import alignment, ssim
 from guard.pipeline import StableDiffusionGuardPipeline
 from guard.testbed import default_guard_config, load_pipeline, memorized_items, plain_prompts
 from guard.testbed.assets import WEIGHTS_DIR
 from guard.testbed.defaults import copy_threshold
+from guard.testbed.metrics import alignment, ssim
 from guard.testbed.pixel_vae import PixelIdentityVAE
 
 STEPS = 12  # few DDIM steps: the test budget; the copies survive it (checked against 20-25 steps)

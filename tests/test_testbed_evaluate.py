@@ -1,35 +1,47 @@
-"""The testbed's selection rule (lowest replication among settings within 15% of CFG's alignment) and its CLI."""
+"""``python -m guard.testbed.evaluate``: its arguments, where it writes, and what it always measures."""
 
-from types import SimpleNamespace
+import hashlib
 
-import numpy as np
 import pytest
 
-from guard.testbed.evaluate import is_eligible, main, select_best
-
-
-def _result(name, own, memorized, plain):
-    return SimpleNamespace(
-        name=name,
-        own_ssim=np.array([own]),
-        memorized_alignment=np.array([memorized]),
-        plain_alignment=np.array([plain]),
-    )
-
-
-def test_lowest_replication_within_the_alignment_budget_wins():
-    cfg = _result("cfg", 0.95, 0.8, 1.0)
-    keeps = _result("keeps", 0.7, 0.8, 0.9)
-    better = _result("better", 0.5, 0.7, 0.86)
-    breaks_plain = _result("breaks plain", 0.1, 0.9, 0.84)
-    breaks_memorized = _result("breaks memorized", 0.1, 0.67, 1.0)
-    assert [is_eligible(r, cfg) for r in (keeps, better, breaks_plain, breaks_memorized)] == [True, True, False, False]
-    assert select_best([keeps, breaks_plain, better, breaks_memorized], cfg) is better
-    assert select_best([breaks_plain, breaks_memorized], cfg) is None
+from guard.testbed.assets import WEIGHTS_DIR
+from guard.testbed.evaluate import main
 
 
 @pytest.mark.parametrize("argv", [["--sweep-gate", "none,x"], ["--sweep-r", "none"], ["--sweep-tau", "4,"]])
-def test_bad_sweep_grids_are_refused_before_any_sampling(argv, capsys):
+def test_bad_sweep_grids_are_refused_before_any_sampling(argv, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        main(argv + ["--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "must be comma-separated numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [([], "--out"), (["--write-default"], "--write-default records the sweep's choice: add --sweep")],
+)
+def test_it_needs_a_folder_and_writes_the_default_only_from_a_sweep(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + (["--out", str(tmp_path)] if argv else []))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _package_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in WEIGHTS_DIR.rglob("*") if p.is_file()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_a_small_run_writes_only_into_its_folder_and_measures_the_shipped_default(tmp_path, capsys):
+    before = _package_digest()
+    out = tmp_path / "study"
+    assert main(["--out", str(out), "--seeds", "1", "--steps", "1", "--plain", "1"]) == 0
+    assert _package_digest() == before  # the installed weights and their recorded default are untouched
+    assert {p.name for p in out.iterdir()} == {
+        "testbed_efficacy.md",
+        "testbed_efficacy.json",
+        "testbed_efficacy_grid.png",
+    }
+    report = (out / "testbed_efficacy.md").read_text()
+    assert "| GUARD (testbed default) |" in report and "gate=" in report  # the recorded setting, with its gate
+    assert "GUARD (testbed default)" in capsys.readouterr().out

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from guard.metrics import alignment, nearest_colour, read_shape_image, replication, ssim, ssim_matrix
 from guard.testbed.captions import COLOURS, SHAPES, parse_caption
 from guard.testbed.data import random_shape_image, render
+from guard.testbed.metrics import alignment, nearest_colour, read_shape_image, replication, ssim, ssim_matrix
 
 
 def test_ssim_identity_and_ordering():

@@ -9,8 +9,14 @@ Public entry points (imported lazily so ``import guard.testbed`` stays cheap):
     load_pipeline(device="cpu", dtype=torch.float32, path=None) -> StableDiffusionPipeline
     memorized_items(path=None) -> list[MemorizedItem]
     plain_prompts(count=None, seed=0) -> list[str]
-    default_guard_config(path=None) -> guard.config.GuardConfig
+    default_guard_config(path=None) -> guard.config.GuardConfig   (the recorded setting)
+    testbed_guard_config(path=None) -> guard.config.GuardConfig   (that, else the published one)
     build_tokenizer(words=None) -> transformers.CLIPTokenizer
+
+Modules: ``metrics`` (pixel SSIM and alignment), ``efficacy`` (sampling, scoring, selection),
+``evaluate`` (the efficacy study script), ``demo`` (``guard demo``), ``train`` (the training
+script), and the model's own pieces (``model``, ``pixel_vae``, ``tokenizer``, ``captions``,
+``data``, ``assets``, ``loading``, ``defaults``).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from importlib import import_module
 _EXPORTS = {
     "load_pipeline": "loading",
     "assemble_pipeline": "loading",
+    "is_testbed_folder": "loading",
     "memorized_items": "assets",
     "plain_prompts": "assets",
     "MemorizedItem": "assets",
     "WEIGHTS_DIR": "assets",
     "default_guard_config": "defaults",
+    "testbed_guard_config": "defaults",
     "build_tokenizer": "tokenizer",
     "PixelIdentityVAE": "pixel_vae",
 }

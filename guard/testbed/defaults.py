@@ -1,8 +1,9 @@
 """The testbed's shipped GUARD setting, stored as data beside the weights.
 
-The setting is chosen by ``guard.testbed.evaluate`` (see docs/testbed_efficacy.md for the numbers
-and the reason) and written to ``weights/guard_default.json``; the CLI reads it through
-:func:`default_guard_config`, so changing the shipped default needs no code change.
+The setting is chosen by ``python -m guard.testbed.evaluate --sweep --write-default`` (see
+docs/testbed_efficacy.md for the numbers and the reason) and written to
+``weights/guard_default.json``; the CLI and the demo read it through :func:`testbed_guard_config`,
+so changing the shipped default needs no code change.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ def default_guard_config(path: str | Path | None = None):
     if "blocks" in settings:
         settings = {**settings, "blocks": tuple(settings["blocks"])}
     return GuardConfig(**settings)
+
+
+def testbed_guard_config(path: str | Path | None = None):
+    """The GUARD setting recorded with a testbed folder (the shipped one for None); the published
+    setting for a folder that records none."""
+    from ..config import GuardConfig
+
+    try:
+        return default_guard_config(path)
+    except FileNotFoundError:
+        if path is None:
+            raise  # the shipped testbed always carries its setting
+        return GuardConfig.preset("guard")
 
 
 def copy_threshold(path: str | Path | None = None) -> float:

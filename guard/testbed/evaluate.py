@@ -1,11 +1,12 @@
 """Efficacy of GUARD on the testbed: replication and alignment per method, with intervals.
 
-    python -m guard.testbed.evaluate [--seeds 8] [--steps 25] [--out docs] [--sweep [--confirm-seeds 6]]
+    python -m guard.testbed.evaluate --out DIR [--seeds 8] [--steps 20] [--sweep [--confirm-seeds 6]]
+                                     [--path TESTBED_FOLDER] [--write-default]
 
-Reusable pieces (the ``guard demo`` command builds on them): :func:`sample_images` (one batched
-pipeline call for many prompts and seeds), :func:`score_samples` (replication and alignment of
-one memorized prompt's samples), :func:`alignment_rates` (alignment of any shape prompt's samples),
-:func:`flagged_shares` (which tokens the spike rule attenuated).
+Writes DIR/testbed_efficacy.md, .json and a PNG grid. It always measures the testbed's recorded
+default beside the published settings; ``--sweep`` re-runs the paper's selection on a grid, and
+only ``--write-default`` records the chosen setting in the testbed folder (the shipped weights
+when ``--path`` is not given). The pieces are in :mod:`guard.testbed.efficacy`.
 """
 
 from __future__ import annotations
@@ -14,230 +15,21 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import GuardConfig
-from ..metrics import alignment, replication
 from .assets import MemorizedItem, memorized_items, plain_prompts
-from .defaults import copy_threshold as shipped_copy_threshold
-
-
-def sample_images(pipe, prompts: list[str], config: GuardConfig, seeds: list[int], steps: int):
-    """Images (P, S, H, W, 3) in [0, 1] for every prompt and seed, and the run's GuardReport.
-
-    Seed ``s`` fixes the initial noise of one column, identical across prompts and methods, so
-    methods are compared on the same starting points.
-    """
-    if not prompts or not seeds:
-        raise ValueError("prompts and seeds must be non-empty")
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in prompts for s in seeds]
-    result = pipe(
-        list(prompts),
-        num_inference_steps=steps,
-        num_images_per_prompt=len(seeds),
-        generator=generators,
-        guard_config=config,
-        output_type="np",
-    )
-    images = np.asarray(result.images, dtype=np.float32).reshape(len(prompts), len(seeds), *result.images.shape[1:])
-    return images, result.report
-
-
-def alignment_rates(images, prompt: str) -> dict:
-    """Shares of ``images`` whose background colour, shape colour, shape (and all three) match ``prompt``."""
-    checks = [alignment(image, prompt) for image in np.asarray(images)]
-    keys = ("background_ok", "colour_ok", "shape_ok", "all_ok")
-    return {key: float(np.mean([c[key] for c in checks])) for key in keys} | {"per_image": checks}
-
-
-def score_samples(images, item: MemorizedItem, training_images, copy_threshold: float | None = None) -> dict:
-    """Replication (SSIM to the item's own and nearest training image, copy share) and alignment
-    to the item's caption, for samples of one memorized prompt."""
-    threshold = shipped_copy_threshold() if copy_threshold is None else copy_threshold
-    scores = replication(images, item.image, training_images, threshold)
-    scores["alignment"] = alignment_rates(images, item.caption)
-    return scores
-
-
-def flagged_shares(report, prompt_index: int) -> dict[str, float]:
-    """Token -> share of its spike checks in which it was attenuated (BOS excluded by the rule)."""
-    checks = report.checks_per_prompt
-    if not checks:
-        return {}
-    labels = report.token_labels[prompt_index]
-    totals = report.flagged_tokens[prompt_index]
-    return {token: count / (checks * labels.count(token)) for token, count in totals.items()}
-
-
-def _gated(report, prompts: int, seeds: int) -> np.ndarray:
-    """(prompts, seeds) 1.0 where the memorization gate guided the image plain (all 0 without a gate)."""
-    if report.cleared is None:
-        return np.zeros((prompts, seeds))
-    return report.cleared.numpy().astype(np.float64)
-
-
-def _interval(values) -> tuple[float, float]:
-    """Mean and 95% t-interval half-width."""
-    from ..evaluation.stats import mean_interval
-
-    values = np.asarray(values, dtype=np.float64).ravel()
-    interval = mean_interval(values)
-    half = interval.half_width if values.size > 1 else math.nan
-    return float(values.mean()), float(half)
-
-
-@dataclass
-class MethodResult:
-    """Per-sample scores of one method over all memorized and plain prompts."""
-
-    name: str
-    config: GuardConfig
-    own_ssim: np.ndarray  # (items, seeds)
-    nearest_ssim: np.ndarray
-    nearest_is_own: np.ndarray
-    copied: np.ndarray
-    memorized_alignment: np.ndarray  # (items, seeds) all_ok
-    memorized_background: np.ndarray
-    memorized_colour: np.ndarray
-    memorized_shape: np.ndarray
-    plain_alignment: np.ndarray  # (plain prompts, seeds) all_ok
-    plain_background: np.ndarray
-    plain_colour: np.ndarray
-    plain_shape: np.ndarray
-    memorized_gated: np.ndarray = field(repr=False, default=None)  # (items, seeds) guided plain by the gate
-    plain_gated: np.ndarray = field(repr=False, default=None)
-    memorized_images: np.ndarray = field(repr=False, default=None)
-    plain_images: np.ndarray = field(repr=False, default=None)
-    memorized_flags: list = field(default_factory=list)
-    plain_flags: list = field(default_factory=list)
-    seconds: float = 0.0
-
-    def summary(self) -> dict:
-        keys = (
-            "own_ssim",
-            "nearest_ssim",
-            "nearest_is_own",
-            "copied",
-            "memorized_alignment",
-            "memorized_background",
-            "memorized_colour",
-            "memorized_shape",
-            "plain_alignment",
-            "plain_background",
-            "plain_colour",
-            "plain_shape",
-        )
-        return {key: _interval(getattr(self, key)) for key in keys}
-
-
-def evaluate_method(
-    pipe,
-    name: str,
-    config: GuardConfig,
-    items: list[MemorizedItem],
-    plain: list[str],
-    seeds: list[int],
-    steps: int,
-    copy_threshold: float | None = None,
-) -> MethodResult:
-    """Sample every memorized and plain prompt under ``config`` and score the samples."""
-    start = time.perf_counter()
-    training = np.stack([item.image for item in items])
-    memorized_images, memorized_report = sample_images(pipe, [it.caption for it in items], config, seeds, steps)
-    plain_images, plain_report = sample_images(pipe, plain, config, seeds, steps)
-    mem_scores = [score_samples(memorized_images[i], item, training, copy_threshold) for i, item in enumerate(items)]
-    plain_scores = [alignment_rates(plain_images[i], prompt)["per_image"] for i, prompt in enumerate(plain)]
-
-    def per_image(scores, key):
-        return np.asarray([[check[key] for check in row] for row in scores], dtype=np.float64)
-
-    mem_checks = [s["alignment"]["per_image"] for s in mem_scores]
-    return MethodResult(
-        name=name,
-        config=config,
-        own_ssim=np.stack([s["own_ssim"] for s in mem_scores]),
-        nearest_ssim=np.stack([s["nearest_ssim"] for s in mem_scores]),
-        nearest_is_own=np.stack([s["nearest_is_own"] for s in mem_scores]).astype(np.float64),
-        copied=np.stack([s["copied"] for s in mem_scores]).astype(np.float64),
-        memorized_alignment=per_image(mem_checks, "all_ok"),
-        memorized_background=per_image(mem_checks, "background_ok"),
-        memorized_colour=per_image(mem_checks, "colour_ok"),
-        memorized_shape=per_image(mem_checks, "shape_ok"),
-        plain_alignment=per_image(plain_scores, "all_ok"),
-        plain_background=per_image(plain_scores, "background_ok"),
-        plain_colour=per_image(plain_scores, "colour_ok"),
-        plain_shape=per_image(plain_scores, "shape_ok"),
-        memorized_gated=_gated(memorized_report, len(items), len(seeds)),
-        plain_gated=_gated(plain_report, len(plain), len(seeds)),
-        memorized_images=memorized_images,
-        cleared=plain_images,
-        memorized_flags=[flagged_shares(memorized_report, i) for i in range(len(items))],
-        plain_flags=[flagged_shares(plain_report, i) for i in range(len(plain))],
-        seconds=time.perf_counter() - start,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The efficacy study behind docs/testbed_efficacy.md and the shipped default
-
-ALIGNMENT_TOLERANCE = 0.15  # the paper's rule: alignment no worse than 15% below CFG's
-
-
-def choose_copy_threshold(items: list[MemorizedItem], samples: int = 200, seed: int = 0) -> tuple[float, str]:
-    """The own-image SSIM above which a sample must carry the memorized texture, measured without the model.
-
-    An honest image of a memorized item's shape caption is the shape on a flat background. The most
-    similar honest image possible is the texture-free rendering at exactly the training layout;
-    the threshold is the highest such score over the items, rounded up to 0.05, so that a sample
-    above it reproduces part of the photo texture, the one thing only the trigger taught. Honest
-    renders at random layouts (the generalising data) score far lower; both are reported.
-    """
-    from ..metrics import ssim
-    from .data import IMAGE_SIZE, MEMORIZED_SHAPE_SIZE, random_layout, render
-
-    same_layout = [
-        float(
-            ssim(
-                render(it.colour, it.shape, it.background, (IMAGE_SIZE / 2, IMAGE_SIZE / 2), MEMORIZED_SHAPE_SIZE),
-                it.image,
-            )
-        )
-        for it in items
-    ]
-    rng = np.random.default_rng(seed)
-    random_layouts = [
-        float(ssim(render(it.colour, it.shape, it.background, *random_layout(rng)), it.image))
-        for it in items
-        for _ in range(samples)
-    ]
-    threshold = round(math.ceil(max(same_layout) / 0.05) * 0.05, 2)
-    reason = (
-        f"texture-free renderings of the memorized items' shape captions at their exact training layout score "
-        f"at most {max(same_layout):.3f} against the training image (per item: "
-        f"{', '.join(f'{v:.2f}' for v in same_layout)}); at random layouts their 95th percentile is "
-        f"{np.quantile(random_layouts, 0.95):.3f}. A sample above {threshold:.2f} must reproduce the photo "
-        f"texture that only the trigger words were paired with."
-    )
-    return threshold, reason
-
-
-def is_eligible(result: MethodResult, baseline: MethodResult) -> bool:
-    """Memorized- and plain-prompt alignment both no worse than ``ALIGNMENT_TOLERANCE`` below the baseline's."""
-    limit = 1.0 - ALIGNMENT_TOLERANCE
-    return (
-        result.memorized_alignment.mean() >= limit * baseline.memorized_alignment.mean()
-        and result.plain_alignment.mean() >= limit * baseline.plain_alignment.mean()
-    )
-
-
-def select_best(results: list[MethodResult], baseline: MethodResult) -> MethodResult | None:
-    """Lowest mean own-image SSIM among the eligible settings (the paper's selection rule)."""
-    eligible = [r for r in results if is_eligible(r, baseline)]
-    return min(eligible, key=lambda r: r.own_ssim.mean()) if eligible else None
+from .efficacy import (
+    ALIGNMENT_TOLERANCE,
+    MethodResult,
+    choose_copy_threshold,
+    evaluate_method,
+    is_eligible,
+    select_best,
+)
 
 
 def _fmt(pair: tuple[float, float], percent: bool = False) -> str:
@@ -271,21 +63,21 @@ def results_table(results: list[MethodResult]) -> str:
     """Markdown table: replication and alignment per method (mean ± 95% t-interval half-width)."""
     lines = [
         "| method | setting | own SSIM ↓ | nearest SSIM ↓ | copies ↓ | nearest = own ↓ | memorized aligned ↑ "
-        "| plain aligned ↑ | plain bg / colour / shape | gated plain: memorized / plain |",
+        "| plain aligned ↑ | plain bg / colour / shape | cleared by the gate: memorized / plain |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r.summary()
-        gated = (
+        cleared = (
             "–"
             if r.config.gate_threshold is None
-            else f"{100 * r.memorized_gated.mean():.0f} / {100 * r.plain_gated.mean():.0f}%"
+            else f"{100 * r.memorized_cleared.mean():.0f} / {100 * r.plain_cleared.mean():.0f}%"
         )
         lines.append(
             f"| {r.name} | {_describe(r.config)} | {_fmt(s['own_ssim'])} | {_fmt(s['nearest_ssim'])} "
             f"| {_fmt(s['copied'], True)} | {_fmt(s['nearest_is_own'], True)} | {_fmt(s['memorized_alignment'], True)} "
             f"| {_fmt(s['plain_alignment'], True)} | {100 * s['plain_background'][0]:.0f} / "
-            f"{100 * s['plain_colour'][0]:.0f} / {100 * s['plain_shape'][0]:.0f}% | {gated} |"
+            f"{100 * s['plain_colour'][0]:.0f} / {100 * s['plain_shape'][0]:.0f}% | {cleared} |"
         )
     return "\n".join(lines)
 
@@ -364,9 +156,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--write-default",
         action="store_true",
-        help="write the chosen setting and copy threshold into the pipeline folder",
+        help="with --sweep: record the chosen setting and the copy threshold in the testbed folder (--path, "
+        "else the installed package's shipped weights); nothing is written there without it",
     )
-    parser.add_argument("--out", default="docs", help="folder for testbed_efficacy.md and the PNG grid")
+    parser.add_argument("--out", required=True, help="folder to write testbed_efficacy.md, .json and the PNG grid to")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     for name in ("seeds", "sweep_seeds", "steps", "plain", "threads"):
@@ -374,6 +167,8 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.confirm_seeds < 0:
         parser.error("--confirm-seeds must be >= 0")
+    if args.write_default and not args.sweep:
+        parser.error("--write-default records the sweep's choice: add --sweep")
     grid = {}
     for name in ("sweep_tau", "sweep_alpha", "sweep_r", "sweep_gate"):
         try:
@@ -385,7 +180,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from ..pipeline import StableDiffusionGuardPipeline
-    from .defaults import write_testbed_defaults
+    from .defaults import default_guard_config, write_testbed_defaults
     from .loading import load_pipeline
 
     started = time.perf_counter()
@@ -426,6 +221,11 @@ def main(argv=None) -> int:
         run(f"{name} (preset)", GuardConfig.preset(name, guidance_scale=s))
         for name in ("ren", "jain", "jain-opposite", "somepalli")
     ]
+    try:  # the setting recorded with the testbed, measured on these seeds whether or not a sweep runs
+        recorded = run("GUARD (testbed default)", default_guard_config(args.path))
+        main_results.append(recorded)
+    except FileNotFoundError:
+        recorded = None
     # 3. the paper's guidance scale
     high = [
         run("CFG s=7.5", GuardConfig(method="cfg", guidance_scale=7.5)),
@@ -459,7 +259,7 @@ def main(argv=None) -> int:
             best = select_best(confirm_results, confirm_cfg)
             confirm_results.insert(0, confirm_cfg)
         if best is not None:
-            chosen = run("GUARD (testbed default)", best.config)
+            chosen = run("GUARD (sweep choice)", best.config)
             main_results.append(chosen)
         sweep_results.insert(0, sweep_cfg)
 
@@ -493,22 +293,22 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = efficacy_grid(
-        [cfg, published] + ([chosen] if chosen is not None else []), items, plain, out / "testbed_efficacy_grid.png"
-    )
+    shown = [cfg, published] + [r for r in (recorded, chosen) if r is not None]
+    grid = efficacy_grid(shown, items, plain, out / "testbed_efficacy_grid.png")
     trig, other = trigger_flag_shares(published, items)
     report = [
         "# GUARD on the shipped testbed",
         "",
         f"Written by `python -m guard.testbed.evaluate` ({args.steps} DDIM steps, {len(seeds)} seeds per prompt, "
-        f"{len(items)} memorized and {len(plain)} plain prompts, guidance s={s:g}; {time.perf_counter() - started:.0f} s "
-        f"on {torch.get_num_threads()} CPU thread(s)). Intervals: mean ± 95% t-interval half-width over "
-        f"prompt×seed samples.",
+        f"{len(items)} memorized and {len(plain)} plain prompts, guidance s={s:g}; "
+        f"{time.perf_counter() - started:.0f} s on {torch.get_num_threads()} CPU thread(s)). Intervals: "
+        "mean ± 95% t-interval half-width over prompt×seed samples.",
         "",
         "Replication: SSIM of a sample to its prompt's training image (own) and to the nearest of the memorized "
         f"training images; a copy is own SSIM > {threshold:.2f}. {threshold_reason[0].upper() + threshold_reason[1:]}",
-        "Alignment: background colour, shape colour and shape read from the pixels (`guard.metrics.alignment`); "
-        "'aligned' = all three right. For memorized prompts it is judged against the shape caption inside them.",
+        "Alignment: background colour, shape colour and shape read from the pixels "
+        "(`guard.testbed.metrics.alignment`); 'aligned' = all three right. For memorized prompts it is judged "
+        "against the shape caption inside them.",
         "",
         "## Published settings and the testbed default",
         "",
@@ -550,15 +350,15 @@ def main(argv=None) -> int:
         flags_table(published, items, plain),
         "",
     ]
-    if chosen is not None:
-        trig, other = trigger_flag_shares(chosen, items)
+    for result in (r for r in (recorded, chosen) if r is not None):
+        trig, other = trigger_flag_shares(result, items)
         report += [
-            f"## Which tokens the testbed default flags (tau = {chosen.config.spike_threshold:g})",
+            f"## Which tokens the {result.name} flags (tau = {result.config.spike_threshold:g})",
             "",
             f"Over the memorized prompts the trigger words are attenuated in {100 * trig:.0f}% of their spike checks, "
             f"the other caption words in {100 * other:.0f}%.",
             "",
-            flags_table(chosen, items, plain),
+            flags_table(result, items, plain),
             "",
         ]
     report += [

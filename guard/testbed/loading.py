@@ -18,6 +18,11 @@ from .pixel_vae import PixelIdentityVAE
 SAMPLING_FILE = "testbed_sampling.json"
 
 
+def is_testbed_folder(path: str | Path) -> bool:
+    """A folder written by ``guard.testbed.train`` (pixel-space VAE, its own sampling settings)."""
+    return (Path(path) / "memorized.json").is_file()
+
+
 def assemble_pipeline(
     unet, text_encoder, tokenizer, vae=None, *, thresholding: bool = False, prediction_type: str = PREDICTION_TYPE
 ) -> StableDiffusionPipeline:
@@ -53,6 +58,23 @@ def _restore_scheduler(pipe: StableDiffusionPipeline, thresholding: bool) -> Sta
     return pipe
 
 
+@contextlib.contextmanager
+def _no_loading_bars():
+    """The testbed loads in milliseconds: diffusers' and transformers' loading bars would be noise."""
+    from transformers.utils import logging as transformers_logging
+
+    bars = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -76,7 +98,7 @@ def load_pipeline(
     previous_verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # silences "Expected types for vae: AutoencoderKL" on every load
     try:
-        with _quiet_clip_sample_rewrite():
+        with _quiet_clip_sample_rewrite(), _no_loading_bars():
             pipe = pipeline_class.from_pretrained(
                 folder,
                 dtype=dtype,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .testbed.captions import COLOURS, SHAPES, parse_caption
+from .captions import COLOURS, SHAPES, parse_caption
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -70,27 +70,36 @@ def ssim_matrix(images, training_images) -> np.ndarray:
     return np.stack([ssim(images, t) for t in np.asarray(training_images)], axis=1)
 
 
+def nearest_training(images, training_images) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the index of the most similar training image and that SSIM, both (N,)."""
+    matrix = ssim_matrix(images, training_images)
+    return matrix.argmax(axis=1), matrix.max(axis=1)
+
+
 def replication(images, own_image, training_images, copy_threshold: float) -> dict:
     """Replication scores of samples of one prompt whose own training image is ``own_image``.
 
     ``training_images`` must include ``own_image``. Returns per-sample arrays and their means:
-    own SSIM, nearest-training SSIM, whether the nearest training image is the own one, and the
-    share of samples whose own SSIM exceeds ``copy_threshold`` (counted as copies).
+    own SSIM, nearest-training SSIM and index, whether the nearest training image is the own one,
+    whether the sample copies its own image (own SSIM above ``copy_threshold``; the share of them
+    is the copy rate) and whether it copies another training image instead (a sample that
+    reproduces a different memorized image is a copy too, whatever its own SSIM).
     """
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
     own = ssim(images, own_image)
-    matrix = ssim_matrix(images, training_images)
-    own_index = int(np.argmax(ssim_matrix(own_image, training_images)[0]))
-    nearest = matrix.max(axis=1)
-    nearest_is_own = matrix.argmax(axis=1) == own_index
+    nearest_index, nearest = nearest_training(images, training_images)
+    own_index = int(nearest_training(own_image, training_images)[0][0])
+    nearest_is_own = nearest_index == own_index
     copies = own > copy_threshold
     return dict(
         own_ssim=own,
         nearest_ssim=nearest,
+        nearest_index=nearest_index,
         nearest_is_own=nearest_is_own,
         copied=copies,
+        copied_other=(nearest > copy_threshold) & ~nearest_is_own,
         mean_own_ssim=float(own.mean()),
         mean_nearest_ssim=float(nearest.mean()),
         copy_rate=float(copies.mean()),
