@@ -1,7 +1,8 @@
-"""The paper's evaluation protocol (GUARD_SPEC section 5) as reusable pieces.
+"""The evaluation protocol of the GUARD paper (arXiv 2603.00133) as reusable pieces.
 
-prompts: the public memorized-prompt lists as typed records, verbatim/template splits and the
-    "unmitigated SSCD > 0.7" filter. ground_truth: the user's training images by LAION index.
+prompts: the public memorized-prompt lists as typed records (NeMo's lists ship in ``data/``; the
+    others load from a folder), verbatim/template splits and the "unmitigated SSCD > 0.7" filter.
+ground_truth: the user's training images by LAION index.
 sscd / clip_score: the two image metrics (model files supplied by the user, never downloaded).
 stats: mean with a 95% interval. runner: resumable generation and scoring of (prompt, method)
     pairs. summary: the paper-style markdown table. FID is out of scope.
@@ -13,8 +14,10 @@ from .ground_truth import GroundTruth, MissingGroundTruthError, find_ground_trut
 from .prompts import (
     DATA_DIR_ENV,
     KINDS,
+    LIST_SOURCES,
     PROMPT_SETS,
     PromptRecord,
+    list_path,
     load_nemo_memorized,
     load_nemo_unmemorized,
     load_prompt_set,
@@ -37,6 +40,7 @@ from .summary import SummaryRow, format_markdown, prompt_scores, summarise, summ
 __all__ = [
     "DATA_DIR_ENV",
     "KINDS",
+    "LIST_SOURCES",
     "PROMPT_SETS",
     "ClipScorer",
     "GroundTruth",
@@ -50,6 +54,7 @@ __all__ = [
     "find_ground_truth",
     "format_markdown",
     "l2_normalize",
+    "list_path",
     "load_nemo_memorized",
     "load_nemo_unmemorized",
     "load_prompt_set",

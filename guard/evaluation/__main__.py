@@ -18,15 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--interval", choices=("t", "bootstrap"), default="t", help="95%% interval kind (default t)")
     table.add_argument("--no-kinds", action="store_true", help="one line per method instead of one per kind")
     args = parser.parse_args(argv)
-    sys.stdout.write(
-        summarise(
+    try:
+        markdown = summarise(
             args.out_dir,
             baseline=args.baseline,
             threshold=args.threshold,
             interval=args.interval,
             by_kind=not args.no_kinds,
         )
-    )
+    except (OSError, ValueError) as error:  # a user error (no such run, no rows, unknown baseline): one line
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write(markdown)
     return 0
 
 

@@ -1,18 +1,22 @@
 """The public memorized / non-memorized prompt lists the paper evaluates on, as typed records.
 
-The lists are not shipped with this package. They come from public releases:
-
-* ``sdv1_500_memorized.jsonl``: Webster (2023)'s 500 memorized LAION prompts of Stable Diffusion
-  v1.4, as released with Wen et al. (ICLR 2024): caption, index (LAION id), url.
-* ``memorized_laion_prompts.csv``: the same 500 prompts from Hintersdorf et al. (2024, NeMo),
-  ``;``-separated, with the memorization type (``VM`` verbatim, ``TM`` template) and NeMo's
-  reference SSCD scores (``mean_sscd``, ``max_sscd``, empty where not measured).
-* ``unmemorized_laion_prompts.csv``: NeMo's non-memorized LAION prompts (same format, no scores).
+* ``memorized_laion_prompts.csv``: Hintersdorf et al. (NeurIPS 2024, NeMo)'s 500 memorized LAION
+  prompts of Stable Diffusion v1.4, ``;``-separated, with the memorization type (``VM`` verbatim,
+  ``TM`` template) and NeMo's reference SSCD scores (``mean_sscd``, ``max_sscd``, empty where not
+  measured). Shipped with this package (MIT).
+* ``unmemorized_laion_prompts.csv``: NeMo's non-memorized LAION prompts (same format, no type or
+  scores). Shipped with this package (MIT).
+* ``sdv1_500_memorized.jsonl``: the same 500 prompts (Webster 2023) as released by Wen et al.
+  (ICLR 2024): caption, index (LAION id), url. Not shipped (no licence); without it
+  :func:`load_sdv1_memorized` builds the same records from the NeMo CSV.
 * ``sd2_mem.jsonl``: Stable Diffusion v2 memorized prompts with Webster's ``overfit_type``
-  (``MV`` matching verbatim, ``TV`` template verbatim, ...).
-* ``sd1_nmem.txt``: non-memorized COCO-style prompts, one a line.
+  (``MV`` matching verbatim, ``TV`` template verbatim, ...), as released by Jeon et al. (ICML 2025).
+  Not shipped (no licence).
+* ``sd1_nmem.txt``: non-memorized prompts, one a line, from the same release. Not shipped.
 
-Pass the folder holding them as ``data_dir`` or set the ``GUARD_DATA_DIR`` environment variable.
+Where a list is read from (:func:`list_path`): an explicit ``data_dir``, which must hold it; else
+``$GUARD_DATA_DIR`` if set and holding it; else the copy in ``guard/evaluation/data`` (see its
+README.md for sources, commits and licences); else a FileNotFoundError naming where to get it.
 The paper's splits: :func:`select_kind` (verbatim = one ground-truth image, template = several) and
 :func:`select_above` (only prompts whose unmitigated SSCD exceeds 0.7 are scored).
 """
@@ -23,7 +27,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -35,6 +39,23 @@ NEMO_MEMORIZED = "memorized_laion_prompts.csv"
 NEMO_UNMEMORIZED = "unmemorized_laion_prompts.csv"
 SD2_MEMORIZED = "sd2_mem.jsonl"
 SD1_NONMEMORIZED = "sd1_nmem.txt"
+
+#: The lists shipped in this folder: those whose release carries a licence allowing it (README.md there).
+SHIPPED_DIR = Path(__file__).resolve().parent / "data"
+SHIPPED_LISTS = (NEMO_MEMORIZED, NEMO_UNMEMORIZED)
+
+_WEN = "https://github.com/YuxinWenRick/diffusion_memorization"
+_NEMO = "https://github.com/ml-research/localizing_memorization_in_diffusion_models"
+_JEON = "https://github.com/Dongjae0324/sharpness_memorization_diffusion"
+
+#: Where each list is published (repository and path), for error messages and users.
+LIST_SOURCES: Mapping[str, str] = {
+    SDV1_MEMORIZED: f"{_WEN} (examples/{SDV1_MEMORIZED}; Wen et al., ICLR 2024)",
+    NEMO_MEMORIZED: f"{_NEMO} (prompts/{NEMO_MEMORIZED}; Hintersdorf et al., NeurIPS 2024)",
+    NEMO_UNMEMORIZED: f"{_NEMO} (prompts/{NEMO_UNMEMORIZED}; Hintersdorf et al., NeurIPS 2024)",
+    SD2_MEMORIZED: f"{_JEON} (prompts/{SD2_MEMORIZED}; Jeon et al., ICML 2025)",
+    SD1_NONMEMORIZED: f"{_JEON} (prompts/{SD1_NONMEMORIZED}; Jeon et al., ICML 2025)",
+}
 
 #: Memorization labels of the source files and the paper's kind each one means. NeMo: VM/TM.
 #: Webster (2023): MV matching verbatim, RV retrieval verbatim (a verbatim copy of an image whose
@@ -60,7 +81,8 @@ class PromptRecord:
     label: the list's own memorization label (VM/TM from NeMo, MV/TV/... from Webster), or None.
     reference_mean_sscd, reference_max_sscd: NeMo's published SSCD of unmitigated SD v1.4 for this
         prompt (mean / max over its generations), None where the list has none.
-    source: the file name the record came from; row: its 0-based data row there.
+    source: the list's file name (``sdv1_500_memorized.jsonl`` even when built from the NeMo CSV);
+        row: its 0-based data row there.
     """
 
     caption: str
@@ -88,15 +110,18 @@ class PromptRecord:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The prompt-list folder: ``data_dir`` if given, else ``$GUARD_DATA_DIR``; never a download."""
+    """The user's prompt-list folder: ``data_dir`` if given, else ``$GUARD_DATA_DIR``; never a download.
+
+    Loaders need no folder for the shipped lists; see :func:`list_path` for the full order.
+    """
     if data_dir is None:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
     if data_dir is None:
         raise FileNotFoundError(
             f"no prompt-list folder given: pass data_dir=... or set {DATA_DIR_ENV} to a folder holding "
             f"the public lists ({SDV1_MEMORIZED} from Wen et al. 2024's release of Webster 2023's prompts; "
-            f"{NEMO_MEMORIZED} and {NEMO_UNMEMORIZED} from Hintersdorf et al. 2024 (NeMo); "
-            f"{SD2_MEMORIZED}; {SD1_NONMEMORIZED}). They are not shipped with this package."
+            f"{SD2_MEMORIZED} and {SD1_NONMEMORIZED} from Jeon et al. 2025). NeMo's {NEMO_MEMORIZED} and "
+            f"{NEMO_UNMEMORIZED} ship with this package and need no folder."
         )
     path = Path(data_dir).expanduser()
     if not path.is_dir():
@@ -104,10 +129,40 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _list_file(data_dir: str | os.PathLike | None, name: str) -> Path:
-    path = resolve_data_dir(data_dir) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{name} not found in {path.parent}; see guard.evaluation.prompts for its source")
+def _locate(name: str, data_dir: str | os.PathLike | None) -> Path | None:
+    """The file :func:`list_path` means, or None where neither the environment nor the package has it."""
+    if name not in LIST_SOURCES:
+        raise ValueError(f"unknown prompt list {name!r}; known: {sorted(LIST_SOURCES)}")
+    if data_dir is not None:
+        folder = resolve_data_dir(data_dir)
+        if not (folder / name).is_file():
+            shipped = "; or give no data_dir to use the copy shipped with guard" if name in SHIPPED_LISTS else ""
+            raise FileNotFoundError(
+                f"{name} not found in {folder} (the data_dir given); get it from {LIST_SOURCES[name]}{shipped}"
+            )
+        return folder / name
+    environment = os.environ.get(DATA_DIR_ENV)
+    if environment and (Path(environment).expanduser() / name).is_file():
+        return Path(environment).expanduser() / name
+    if name in SHIPPED_LISTS:
+        return SHIPPED_DIR / name
+    return None
+
+
+def list_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Where the loaders read the list ``name`` from, so that a run can record which copy it used.
+
+    An explicit ``data_dir`` must hold the file; else ``$GUARD_DATA_DIR`` is used if set and holding it;
+    else the copy shipped in :data:`SHIPPED_DIR` (NeMo's two lists only); else FileNotFoundError.
+    """
+    path = _locate(name, data_dir)
+    if path is None:
+        environment = os.environ.get(DATA_DIR_ENV)
+        looked = f"${DATA_DIR_ENV}={environment} does not hold it; " if environment else ""
+        raise FileNotFoundError(
+            f"{name} is not shipped with guard (its release has no licence); {looked}get it from "
+            f"{LIST_SOURCES[name]} and pass data_dir=FOLDER or set {DATA_DIR_ENV}=FOLDER"
+        )
     return path
 
 
@@ -240,15 +295,26 @@ def load_text_lines(path: str | os.PathLike) -> list[PromptRecord]:
 def load_sdv1_memorized(data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
     """Webster's 500 SD v1.4 memorized prompts (Wen et al.'s release), with NeMo's kinds and scores.
 
-    The JSONL has no memorization type; it is joined by LAION index from ``memorized_laion_prompts.csv``
-    (the same 500 prompts), which must sit in the same folder. A prompt absent there is an error.
+    Where ``sdv1_500_memorized.jsonl`` is found (``data_dir``, which must hold it, else
+    ``$GUARD_DATA_DIR``), it is joined by LAION index with ``memorized_laion_prompts.csv`` from the
+    same folder, or the shipped copy if that folder has none; a prompt absent there is an error.
+    Otherwise (the JSONL has no licence and is not shipped) the records are built from the NeMo CSV
+    alone: it holds the same 500 prompts in the same order with the same captions, URLs and LAION
+    indices, so the records are equal either way (``source`` names the JSONL in both).
     """
-    records = load_webster_jsonl(_list_file(data_dir, SDV1_MEMORIZED))
-    nemo = {record.index: record for record in load_nemo_csv(_list_file(data_dir, NEMO_MEMORIZED))}
+    jsonl = _locate(SDV1_MEMORIZED, data_dir)
+    if jsonl is None:
+        nemo = load_nemo_csv(list_path(NEMO_MEMORIZED))
+        return [replace(record, source=SDV1_MEMORIZED, row=row) for row, record in enumerate(nemo)]
+    table = jsonl.with_name(NEMO_MEMORIZED)
+    if not table.is_file():
+        table = SHIPPED_DIR / NEMO_MEMORIZED
+    records = load_webster_jsonl(jsonl)
+    nemo = {record.index: record for record in load_nemo_csv(table)}
     unmatched = [record.index for record in records if record.index not in nemo]
     if unmatched:
         raise ValueError(
-            f"{len(unmatched)} prompt(s) of {SDV1_MEMORIZED} have no row in {NEMO_MEMORIZED} "
+            f"{len(unmatched)} prompt(s) of {SDV1_MEMORIZED} in {jsonl.parent} have no row in {table} "
             f"(LAION index {unmatched[:10]}); the two lists must describe the same prompts"
         )
     return [
@@ -268,23 +334,23 @@ def load_sdv1_memorized(data_dir: str | os.PathLike | None = None) -> list[Promp
 
 
 def load_nemo_memorized(data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
-    """NeMo's 500 memorized LAION prompts (VM/TM) with reference SSCD scores."""
-    return load_nemo_csv(_list_file(data_dir, NEMO_MEMORIZED))
+    """NeMo's 500 memorized LAION prompts (VM/TM) with reference SSCD scores; shipped, so no folder is needed."""
+    return load_nemo_csv(list_path(NEMO_MEMORIZED, data_dir))
 
 
 def load_nemo_unmemorized(data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
-    """NeMo's 500 non-memorized LAION prompts."""
-    return load_nemo_csv(_list_file(data_dir, NEMO_UNMEMORIZED))
+    """NeMo's 500 non-memorized LAION prompts; shipped, so no folder is needed."""
+    return load_nemo_csv(list_path(NEMO_UNMEMORIZED, data_dir))
 
 
 def load_sd2_memorized(data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
-    """SD v2 memorized prompts with Webster's overfit_type (MV -> verbatim, TV -> template)."""
-    return load_webster_jsonl(_list_file(data_dir, SD2_MEMORIZED))
+    """SD v2 memorized prompts with Webster's overfit_type (MV -> verbatim, TV -> template); not shipped."""
+    return load_webster_jsonl(list_path(SD2_MEMORIZED, data_dir))
 
 
 def load_sd1_nonmemorized(data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
-    """Non-memorized COCO-style prompts (one a line), for quality checks on ordinary prompts."""
-    return load_text_lines(_list_file(data_dir, SD1_NONMEMORIZED))
+    """Non-memorized COCO-style prompts (one a line), for quality checks on ordinary prompts; not shipped."""
+    return load_text_lines(list_path(SD1_NONMEMORIZED, data_dir))
 
 
 #: Loaders by prompt-set name, for command lines and configuration files.

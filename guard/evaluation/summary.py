@@ -32,6 +32,8 @@ class SummaryRow:
 
 
 def _rows(out_dir: str | os.PathLike) -> list[dict]:
+    if not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"{out_dir} has no finished results: the folder does not exist")
     rows = read_rows(out_dir)
     if not rows:
         raise FileNotFoundError(f"{out_dir} has no finished results (results.jsonl missing or empty)")
