@@ -1,14 +1,11 @@
-"""SSCD preprocessing and arithmetic, CLIP score arithmetic and the confidence intervals, against hand computations."""
-
-import math
-import sys
+"""SSCD preprocessing and scoring (guard.evaluation.sscd), against hand computations."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from guard.evaluation import ClipScorer, SSCDScorer, mean_interval, prompt_clip_score, prompt_sscd, student_t_quantile
+from guard.evaluation import SSCDScorer, prompt_sscd
 from guard.evaluation.sscd import center_crop, preprocess, resize_shorter_side
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
@@ -106,91 +103,3 @@ def test_sscd_scorer_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- CLIP score
-
-
-WORDS = {"red": [1.0, 0.0, 0.0], "green": [0.0, 1.0, 0.0], "blue": [0.0, 0.0, 1.0]}
-
-
-def stand_in_clip(batch_size=16):
-    def encode_images(images):
-        return torch.tensor(np.stack([np.asarray(image, dtype=np.float32).mean(axis=(0, 1)) for image in images]))
-
-    def encode_texts(texts):
-        return torch.tensor(np.array([np.sum([WORDS[word] for word in text.split()], axis=0) for text in texts]))
-
-    return ClipScorer(encode_images, encode_texts, batch_size=batch_size)
-
-
-def test_clip_score_is_the_mean_cosine_with_the_prompt():
-    scorer = stand_in_clip(batch_size=2)
-    # text "red" -> (1,0,0); images red -> cos 1, yellow (1,1,0) -> 1/sqrt 2, blue -> 0.
-    result = scorer.score("red", [solid(RED), solid(YELLOW), solid(BLUE)])
-    assert result.per_image == pytest.approx((1.0, 1 / math.sqrt(2), 0.0), abs=1e-6)
-    assert result.score == pytest.approx((1 + 1 / math.sqrt(2)) / 3, abs=1e-6)
-    # "red green" -> (1,1,0): yellow is a perfect match, red 1/sqrt 2.
-    assert scorer.score("red green", [solid(YELLOW), solid(RED)]).score == pytest.approx(
-        (1 + 1 / math.sqrt(2)) / 2, abs=1e-6
-    )
-
-
-def test_clip_arithmetic_and_errors():
-    result = prompt_clip_score(torch.tensor([[3.0, 4.0]]), torch.tensor([[4.0, 3.0], [-3.0, -4.0]]))
-    assert result.per_image == pytest.approx((24 / 25, -1.0))
-    with pytest.raises(ValueError, match="expected one text embedding"):
-        prompt_clip_score(torch.ones(2, 2), torch.ones(1, 2))
-    broken = ClipScorer(lambda images: torch.ones(1, 3), lambda texts: torch.ones(len(texts), 3))
-    with pytest.raises(ValueError, match=r"encode_images must return a \(2, D\) tensor"):
-        broken.embed_images([solid(RED), solid(RED)])
-
-
-def test_open_clip_absence_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` raise ImportError
-    with pytest.raises(ImportError, match="pip install open-clip-torch"):
-        ClipScorer.from_open_clip()
-
-
-# ---------------------------------------------------------------- intervals
-
-
-@pytest.mark.parametrize("df, table", [(1, 12.706), (2, 4.303), (5, 2.571), (10, 2.228), (30, 2.042), (1000, 1.962)])
-def test_student_t_quantiles_match_the_printed_table(df, table):
-    assert student_t_quantile(0.975, df) == pytest.approx(table, abs=6e-4)
-    assert student_t_quantile(0.025, df) == pytest.approx(-table, abs=6e-4)
-
-
-def test_t_interval_by_hand():
-    interval = mean_interval([1, 2, 3, 4, 5])
-    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)  # t_{0.975,4} * sd / sqrt(n)
-    assert (interval.mean, interval.n, interval.method) == (3.0, 5, "t")
-    assert interval.low == pytest.approx(3 - half, abs=1e-5) and interval.high == pytest.approx(3 + half, abs=1e-5)
-    single = mean_interval([0.4])
-    assert single.mean == 0.4 and math.isnan(single.low) and math.isnan(single.high)
-
-
-def test_intervals_cover_the_true_mean_about_95_percent_of_the_time():
-    rng = np.random.default_rng(1)
-    samples = rng.uniform(0.0, 1.0, size=(300, 25))  # true mean 0.5
-    for method, kwargs in (("t", {}), ("bootstrap", {"n_resamples": 500})):
-        intervals = [mean_interval(sample, method=method, seed=i, **kwargs) for i, sample in enumerate(samples)]
-        coverage = np.mean([interval.low < 0.5 < interval.high for interval in intervals])
-        assert 0.90 <= coverage <= 0.99, (method, coverage)
-
-
-def test_bootstrap_is_seeded_and_close_to_t_for_many_values():
-    values = np.random.default_rng(2).normal(0.3, 0.1, size=400)
-    first, again = mean_interval(values, method="bootstrap"), mean_interval(values, method="bootstrap")
-    assert first == again
-    t = mean_interval(values)
-    assert first.half_width == pytest.approx(t.half_width, rel=0.1)
-    assert first.low < first.mean < first.high
-
-
-def test_interval_argument_errors():
-    with pytest.raises(ValueError, match="values is empty"):
-        mean_interval([])
-    with pytest.raises(ValueError, match="confidence must be in"):
-        mean_interval([1, 2], confidence=95)
-    with pytest.raises(ValueError, match="method must be one of"):
-        mean_interval([1, 2], method="normal")
-    with pytest.raises(ValueError, match="finite"):
-        mean_interval([1, float("nan")])
