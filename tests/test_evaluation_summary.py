@@ -81,3 +81,9 @@ def test_summary_errors(table_run, tmp_path):
     _write_rows(tmp_path / "dup", [{"key": "a", "method": "m", "caption": "a"}] * 2)
     with pytest.raises(ValueError, match="two rows for prompt a"):
         summarise(tmp_path / "dup")
+
+
+def test_a_row_without_its_prompt_key_is_a_clear_error(tmp_path):
+    _write_rows(tmp_path, [{"method": "guard", "caption": "a", "sscd": 0.1}])
+    with pytest.raises(ValueError, match=r"line 1 is not a result row \(no key\)"):
+        summarise(tmp_path)

@@ -100,6 +100,10 @@ def reconcile_manifest(out_dir: Path, num_images: int, seeds: list[int], methods
         write_json_atomic(path, manifest)
 
 
+#: What every row of ``results.jsonl`` names: the prompt and the method it was generated with.
+ROW_FIELDS = ("key", "method")
+
+
 def read_rows(out_dir: str | os.PathLike) -> list[dict]:
     """All finished rows of a run; a final line cut short by a crash is ignored (with a warning)."""
     path = Path(out_dir) / RESULTS
@@ -116,9 +120,15 @@ def read_rows(out_dir: str | os.PathLike) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {line_number} is not valid JSON ({error.msg}); fix or remove it") from None
+        missing = [field for field in ROW_FIELDS if not isinstance(row, dict) or field not in row]
+        if missing:
+            raise ValueError(
+                f"{path} line {line_number} is not a result row (no {', '.join(missing)}); fix or remove it"
+            )
+        rows.append(row)
     return rows
 
 
