@@ -244,7 +244,7 @@ def eager_guard_latents(
 
 
 # ----------------------------------------------------------------------------------------------
-# Independent eager versions of the related methods (GUARD_SPEC section 6)
+# Independent eager versions of the related methods the paper compares with
 
 
 class EagerRenAttention:

@@ -311,7 +311,7 @@ def test_save_and_load(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Related methods (GUARD_SPEC section 6) against straightforward implementations
+# Related methods (the ones the paper compares with) against straightforward implementations
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ images``. With this package's Stable Diffusion pipeline (``guard.pipeline``)::
                                   load_sdv1_memorized, pipeline_generate_fn, select_kind, summarise)
 
     pipe = StableDiffusionGuardPipeline.from_pretrained(
-        "CompVis/stable-diffusion-v1-4", torch_dtype=torch.bfloat16).to("cuda")
+        "CompVis/stable-diffusion-v1-4", dtype=torch.bfloat16).to("cuda")
     prompts = select_kind(load_sdv1_memorized("path/to/lists"), "verbatim")
     evaluate_prompts(
         pipeline_generate_fn(pipe, num_inference_steps=50),
