@@ -6,11 +6,10 @@ from typing import Optional
 
 import torch
 
-from .limits import MAX_HEAD_DIM, MAX_KEYS
+from .limits import TRITON_DTYPES, tile_limit_error
 from .reference import compute_dtype, torch_cross_attention
 
 BACKENDS = ("auto", "triton", "torch")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 
@@ -107,10 +106,9 @@ def _spike_rows(value, batch: int, device) -> Optional[torch.Tensor]:
 def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    head_dim = q.shape[-1]
-    fits = head_dim <= MAX_HEAD_DIM and num_keys <= MAX_KEYS
+    too_large = tile_limit_error(q.shape[-1], num_keys)
     if backend == "auto":
-        usable = q.is_cuda and q.dtype in TRITON_DTYPES and fits and triton_available()
+        usable = q.is_cuda and q.dtype in TRITON_DTYPES and too_large is None and triton_available()
         return "triton" if usable else "torch"
     if backend == "triton":
         if not triton_available():
@@ -122,11 +120,8 @@ def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
             )
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
-        if not fits:
-            raise ValueError(
-                f"the Triton kernel supports D <= {MAX_HEAD_DIM} and Nk <= {MAX_KEYS}, got D={head_dim},"
-                f" Nk={num_keys}; use backend='torch'"
-            )
+        if too_large is not None:
+            raise ValueError(f"{too_large}; use backend='torch'")
     return backend
 
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import MAX_HEAD_DIM, MAX_KEYS
+from .limits import TRITON_DTYPES, tile_limit_error
 from .stats import SPIKE_STD_EPS, AttentionStats
 
 #: tl.dot rejects tile dimensions under 16 on a GPU (the interpreter would silently accept them).
@@ -411,12 +411,11 @@ def _check_launchable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None
             f"the Triton kernel needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before"
             " guard_kernels.triton_fused is imported"
         )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton kernel, got {q.dtype}")
-    if k.shape[1] > MAX_KEYS:
-        raise ValueError(f"k has Nk={k.shape[1]} keys; the Triton kernel holds at most {MAX_KEYS} in one tile")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"q has head dim D={q.shape[-1]}; the Triton kernel supports D <= {MAX_HEAD_DIM}")
+    too_large = tile_limit_error(q.shape[-1], k.shape[1])
+    if too_large is not None:
+        raise ValueError(too_large)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have unit stride on D, got strides {tuple(t.stride())}")

@@ -5,12 +5,13 @@ z-score), so a mistake in the shared spike rule would show up here.
 """
 
 import math
+import types
 
 import pytest
 import torch
 
 import guard_kernels
-from guard_kernels import AttentionStats, cross_attention
+from guard_kernels import AttentionStats, api, cross_attention, limits
 from guard_kernels.reference import torch_cross_attention
 
 
@@ -208,6 +209,25 @@ def test_float64_is_rejected_by_triton_but_auto_falls_back():
     with pytest.raises(TypeError, match="backend='triton' supports"):
         cross_attention(q, k, v, backend="triton")
     assert cross_attention(q, k, v).dtype == torch.float64
+
+
+def test_tile_limits_are_one_rule():
+    assert limits.tile_limit_error(limits.MAX_HEAD_DIM, limits.MAX_KEYS) is None
+    assert "D=257" in limits.tile_limit_error(limits.MAX_HEAD_DIM + 1, 77)
+    assert "Nk=257" in limits.tile_limit_error(64, limits.MAX_KEYS + 1)
+
+
+@pytest.mark.parametrize("head_dim,num_keys,expected", [(64, 77, "triton"), (257, 77, "torch"), (64, 257, "torch")])
+def test_auto_backend_falls_back_beyond_the_tile_and_triton_refuses(monkeypatch, head_dim, num_keys, expected):
+    """On a CUDA half-precision input, auto picks Triton exactly when the tile rule allows it."""
+    monkeypatch.setattr(api, "triton_available", lambda: True)
+    cuda_q = types.SimpleNamespace(is_cuda=True, dtype=torch.float16, shape=(1, 8, 1, head_dim))
+    assert api._resolve_backend("auto", cuda_q, num_keys) == expected
+    if expected == "torch":
+        with pytest.raises(ValueError, match="use backend='torch'"):
+            api._resolve_backend("triton", cuda_q, num_keys)
+    else:
+        assert api._resolve_backend("triton", cuda_q, num_keys) == "triton"
 
 
 def test_public_names():

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 
-from guard_kernels import cross_attention, triton_fused
+from guard_kernels import cross_attention, limits, triton_fused
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -337,9 +337,12 @@ def test_public_api_triton_matches_torch_backend(dtype, spike_rows, token_bias):
 
 def test_launcher_rejects_what_it_cannot_tile(monkeypatch):
     q = torch.randn(1, 8, 1, 16, device=DEVICE)
-    k = torch.randn(1, triton_fused.MAX_KEYS + 1, 1, 16, device=DEVICE)
+    k = torch.randn(1, limits.MAX_KEYS + 1, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="Nk=257"):
         triton_fused.triton_cross_attention(q, k, k, 0.25, None, 0.1, 0.3, None, None, False)
+    wide = torch.randn(1, 8, 1, limits.MAX_HEAD_DIM + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="D=257"):
+        triton_fused.triton_cross_attention(wide, wide, wide, 0.25, None, 0.1, 0.3, None, None, False)
     small = torch.randn(1, 8, 1, 16, device=DEVICE)
     tiny = triton_fused.KernelConfig(block_m=8, num_warps=4)
     with pytest.raises(ValueError, match="block_m must be >= 16"):
@@ -350,6 +353,20 @@ def test_launcher_rejects_what_it_cannot_tile(monkeypatch):
         monkeypatch.setattr(triton_fused, "_INTERPRETING", False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             triton_fused.triton_cross_attention(q, small, small, 0.25, None, 0.1, 0.3, None, None, False)
+
+
+def test_dispatcher_and_launcher_share_one_limit_rule(monkeypatch):
+    """Shrinking limits.MAX_KEYS moves both refusals at once: neither keeps a copy of the limit."""
+    monkeypatch.setattr(limits, "MAX_KEYS", 16)
+    q = torch.randn(1, 20, 1, 16, device=DEVICE)
+    fits, too_many = (torch.randn(1, n, 1, 16, device=DEVICE) for n in (16, 17))
+    with pytest.raises(ValueError, match=r"Nk <= 16 .*Nk=17; use backend='torch'"):
+        cross_attention(q, too_many, too_many, backend="triton")
+    with pytest.raises(ValueError, match=r"Nk <= 16 .*Nk=17$"):
+        triton_fused.triton_cross_attention(q, too_many, too_many, 0.25, None, 0.1, 0.3, None, None, False)
+    torch.testing.assert_close(
+        cross_attention(q, fits, fits, backend="triton"), cross_attention(q, fits, fits, backend="torch")
+    )
 
 
 def test_gpu_check_dry_run(tmp_path):
