@@ -1,6 +1,5 @@
 """The public entry point: validate arguments once, then dispatch to the Triton or PyTorch path."""
 
-import math
 import os
 from typing import Optional
 
@@ -8,6 +7,7 @@ import torch
 
 from .limits import TRITON_DTYPES, tile_limit_error
 from .reference import compute_dtype, torch_cross_attention
+from .validation import real_number
 
 BACKENDS = ("auto", "triton", "torch")
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
@@ -26,14 +26,12 @@ def triton_available() -> bool:
     return True
 
 
-def _finite(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    return number
+def _positive_scale(value) -> float:
+    """The logit scale: finite and > 0 (zero would make every query attend uniformly)."""
+    scale = real_number("scale", value)
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale:g}")
+    return scale
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -144,14 +142,16 @@ def cross_attention(
     Args:
         q: (B, Nq, H, D) queries; k, v: (B, Nk, H, D) keys/values. Any strides with unit stride on
             D, so ``to_q(x).view(B, N, H, D)`` needs no copy.
-        scale: logit scale, default ``D ** -0.5``.
+        scale: logit scale, finite and > 0; default ``D ** -0.5``.
         spike_rows: None or bool (B,): rows on which the spike rule runs (GUARD's positive rows).
             On those rows, tokens j >= 1 whose peak logit over all queries has a z-score above
-            ``spike_threshold`` get their logits multiplied by ``spike_scale`` for every query.
+            ``spike_threshold`` (any finite number) get their logits multiplied by ``spike_scale``
+            (finite, >= 0) for every query. Scalars may be Python, NumPy or 0-d torch numbers
+            (:func:`guard_kernels.validation.real_number`, the check ``guard.GuardConfig`` makes).
         token_scale, token_bias: None, (B, Nk) or (B, H, Nk). Final logits are
             ``l * token_scale * (spike_scale if spike else 1) + token_bias``; a ``-inf`` bias masks
             a token, and a row with every token masked outputs zeros.
-        return_stats: also return :class:`~guard_kernels.stats.AttentionStats`.
+        return_stats: a bool; also return :class:`~guard_kernels.stats.AttentionStats`.
         backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
 
     Returns:
@@ -160,9 +160,12 @@ def cross_attention(
     _check_qkv(q, k, v)
     batch, _, heads, head_dim = q.shape
     num_keys = k.shape[1]
-    scale = head_dim**-0.5 if scale is None else _finite("scale", scale)
-    spike_threshold = _finite("spike_threshold", spike_threshold)
-    spike_scale = _finite("spike_scale", spike_scale)
+    scale = head_dim**-0.5 if scale is None else _positive_scale(scale)
+    # The same checks as guard.GuardConfig: a z-score threshold may be negative, a logit factor not.
+    spike_threshold = real_number("spike_threshold", spike_threshold)
+    spike_scale = real_number("spike_scale", spike_scale, minimum=0.0)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     spike_rows = _spike_rows(spike_rows, batch, q.device)
     backend = _resolve_backend(backend, q, num_keys)
     acc = compute_dtype(q.dtype)
@@ -173,10 +176,10 @@ def cross_attention(
         from .triton_fused import triton_cross_attention
 
         out, stats = triton_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, bool(return_stats)
+            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
         )
     else:
         out, stats = torch_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, bool(return_stats)
+            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
         )
     return (out, stats) if return_stats else out

@@ -7,6 +7,7 @@ z-score), so a mistake in the shared spike rule would show up here.
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,10 +184,6 @@ def test_bad_tensors_raise_clear_errors(mutate, error, match):
         ({"spike_rows": torch.ones(3, dtype=torch.bool)}, ValueError, r"spike_rows must have shape \(B,\)=\(2,\)"),
         ({"spike_rows": torch.ones(2)}, TypeError, "spike_rows must be a bool tensor"),
         ({"spike_rows": [True, False]}, TypeError, "spike_rows must be None or a bool tensor"),
-        ({"scale": float("nan")}, ValueError, "scale must be finite"),
-        ({"spike_threshold": float("inf")}, ValueError, "spike_threshold must be finite"),
-        ({"spike_scale": float("nan")}, ValueError, "spike_scale must be finite"),
-        ({"spike_scale": "x"}, TypeError, "spike_scale must be a real number"),
         ({"token_scale": torch.ones(2, 4)}, ValueError, r"token_scale must have shape \(B, Nk\)"),
         ({"token_bias": torch.ones(2, 3, 5)}, ValueError, r"token_bias must have shape"),
         ({"token_bias": torch.ones(2, 5, dtype=torch.long)}, TypeError, "floating-point"),
@@ -196,6 +193,62 @@ def test_bad_tensors_raise_clear_errors(mutate, error, match):
 def test_bad_arguments_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         cross_attention(*_qkv(), **kwargs)
+
+
+SCALARS_ACCEPTED = [
+    ("scale", np.float32(0.2)),
+    ("scale", np.int64(1)),
+    ("scale", torch.tensor(0.125)),
+    ("spike_threshold", np.float32(0.3)),
+    ("spike_threshold", np.int64(0)),
+    ("spike_threshold", torch.tensor(0.3)),
+    ("spike_threshold", -0.1),  # a z-score: below the mean is meaningful
+    ("spike_scale", np.float32(0.3)),
+    ("spike_scale", np.int64(1)),
+    ("spike_scale", torch.tensor(0.3)),
+    ("spike_scale", 0),  # removes spike tokens entirely
+]
+
+
+@pytest.mark.parametrize("name,value", SCALARS_ACCEPTED, ids=[f"{n}={v!r}" for n, v in SCALARS_ACCEPTED])
+def test_numpy_and_torch_scalars_act_as_their_float(name, value):
+    q, k, v = spiky_inputs(2, 20, 9, 2, 16, torch.float64, seed=5)
+    rows = torch.tensor([True, False])
+    out, stats = cross_attention(q, k, v, spike_rows=rows, return_stats=True, **{name: value})
+    want, want_stats = cross_attention(q, k, v, spike_rows=rows, return_stats=True, **{name: float(value)})
+    assert torch.equal(out, want) and all(map(torch.equal, stats, want_stats))
+
+
+SCALARS_REFUSED = [
+    (name, value, error, f"^{name} must be {message}")
+    for name in ("scale", "spike_threshold", "spike_scale")
+    for value, error, message in [
+        (True, TypeError, "a real number, got True$"),
+        ("0.3", TypeError, "a real number, got '0.3'$"),
+        (torch.tensor([0.3]), TypeError, "a real number, got a torch.float32 tensor of shape"),
+        (math.nan, ValueError, "finite, got nan$"),
+        (math.inf, ValueError, "finite, got inf$"),
+        (np.float32("-inf"), ValueError, "finite, got -inf$"),
+    ]
+] + [
+    ("spike_scale", -0.1, ValueError, r"^spike_scale must be >= 0, got -0.1$"),  # as guard.GuardConfig
+    ("scale", -0.1, ValueError, r"^scale must be > 0, got -0.1$"),
+    ("scale", 0, ValueError, r"^scale must be > 0, got 0$"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,value,error,match", SCALARS_REFUSED, ids=[f"{n}={v!r}" for n, v, _, _ in SCALARS_REFUSED]
+)
+def test_bad_scalars_raise_one_line_errors(name, value, error, match):
+    with pytest.raises(error, match=match):
+        cross_attention(*_qkv(), **{name: value})
+
+
+@pytest.mark.parametrize("value", [1, 0, None, "yes", np.bool_(True), torch.tensor(True)], ids=repr)
+def test_return_stats_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=r"^return_stats must be a bool, got "):
+        cross_attention(*_qkv(), return_stats=value)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
