@@ -72,7 +72,9 @@ def torch_cross_attention(
         # The spike rule needs every query's logit before any probability: a first sweep.
         peaks = torch.stack([logits(a, b).amax(dim=2) for a, b in bounds]).amax(dim=0)
         spikes = spike_mask_from_peaks(peaks, spike_threshold) & spike_rows.view(batch, 1, 1)
-        spike_factor = torch.where(spikes, spike_scale, 1.0).to(acc)
+        # masked_fill writes the Python float straight into acc; torch.where(spikes, spike_scale, 1.0)
+        # would build a float32 tensor first and round 0.3 on the float64 path.
+        spike_factor = torch.ones(spikes.shape, dtype=acc, device=q.device).masked_fill_(spikes, spike_scale)
         multiplier = spike_factor if multiplier is None else multiplier * spike_factor
 
     out = torch.empty((batch, num_queries, heads, head_dim), dtype=q.dtype, device=q.device)

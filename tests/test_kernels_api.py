@@ -1,7 +1,7 @@
-"""guard_kernels.cross_attention: argument checking and the PyTorch path against a float64 reference.
+"""guard_kernels.cross_attention: argument checking, dispatch, and the PyTorch path (guard_kernels.reference).
 
-The reference below is written independently of guard_kernels (materialised logits, explicit
-z-score), so a mistake in the shared spike rule would show up here.
+The PyTorch path is compared with the materialising float64 reference of guard_kernels.testing,
+which shares no code with it (tests/test_kernels_testing.py checks that reference in turn).
 """
 
 import math
@@ -14,37 +14,7 @@ import torch
 import guard_kernels
 from guard_kernels import AttentionStats, api, cross_attention, limits
 from guard_kernels.reference import torch_cross_attention
-
-
-def naive_reference(q, k, v, scale=None, spike_rows=None, threshold=0.1, alpha=0.3, token_scale=None, token_bias=None):
-    """Materialising float64 GUARD cross-attention; returns out (B,Nq,H,D), max_logit, mass, spikes."""
-    q, k, v = (t.double() for t in (q, k, v))
-    batch, nq, heads, dim = q.shape
-    nk = k.shape[1]
-    scale = dim**-0.5 if scale is None else scale
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    peaks = logits.amax(dim=2)  # (B,H,Nk)
-    spikes = torch.zeros(batch, heads, nk, dtype=torch.bool)
-    if spike_rows is not None and nk >= 3:
-        for b in range(batch):
-            if not spike_rows[b]:
-                continue
-            for h in range(heads):
-                body = peaks[b, h, 1:]
-                z = (body - body.mean()) / (body.std(unbiased=True) + 1e-6)
-                spikes[b, h, 1:] = z > threshold
-    factor = torch.where(spikes, alpha, 1.0).double()
-    if token_scale is not None:
-        ts = token_scale.double()
-        factor = factor * (ts[:, None, :] if ts.dim() == 2 else ts)
-    mod = logits * factor[:, :, None, :]
-    if token_bias is not None:
-        tb = token_bias.double()
-        mod = mod + (tb[:, None, None, :] if tb.dim() == 2 else tb[:, :, None, :])
-    probs = torch.softmax(mod, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows -> zeros
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out, peaks, probs.sum(dim=2), spikes
+from guard_kernels.testing import reference_attention, rel_err
 
 
 def spiky_inputs(batch, nq, nk, heads, dim, dtype=torch.float32, seed=0, clear_margin=1e-3, threshold=0.1):
@@ -57,12 +27,8 @@ def spiky_inputs(batch, nq, nk, heads, dim, dtype=torch.float32, seed=0, clear_m
             k[:, 2] *= 3.0  # a clear spike candidate
         v = torch.randn(batch, nk, heads, dim, generator=gen)
         q, k, v = (t.to(dtype) for t in (q, k, v))
-        peaks = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()).amax(2) * dim**-0.5
-        if nk < 3:
-            return q, k, v
-        body = peaks[..., 1:]
-        z = (body - body.mean(-1, keepdim=True)) / (body.std(-1, keepdim=True) + 1e-6)
-        if (z - threshold).abs().min() > clear_margin:
+        z = reference_attention(q, k, v).z
+        if nk < 3 or (z[..., 1:] - threshold).abs().min() > clear_margin:
             return q, k, v
     raise RuntimeError("could not draw inputs away from the threshold")
 
@@ -76,17 +42,29 @@ def test_torch_path_matches_float64_reference(batch, nq, nk, heads, dim, dtype):
     q, k, v = spiky_inputs(batch, nq, nk, heads, dim, dtype, seed=nq + nk)
     spike_rows = torch.tensor([b % 2 == 1 for b in range(batch)])
     out, stats = cross_attention(q, k, v, spike_rows=spike_rows, return_stats=True, backend="torch")
-    ref_out, ref_max, ref_mass, ref_spikes = naive_reference(q, k, v, spike_rows=spike_rows)
+    ref = reference_attention(q, k, v, spike_rows=spike_rows)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert out.dtype == dtype and out.shape == (batch, nq, heads, dim) and out.is_contiguous()
-    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=tol)
-    torch.testing.assert_close(stats.max_logit.double(), ref_max, rtol=1e-5, atol=tol)
-    mass_error = (stats.mass.double() - ref_mass).abs().max() / ref_mass.abs().max()
-    assert mass_error <= (1e-12 if dtype == torch.float64 else 1e-5), mass_error
-    assert torch.equal(stats.spikes, ref_spikes)
+    torch.testing.assert_close(out.double(), ref.out, rtol=0, atol=tol)
+    torch.testing.assert_close(stats.max_logit.double(), ref.max_logit, rtol=1e-5, atol=tol)
+    assert rel_err(stats.mass, ref.mass) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    assert torch.equal(stats.spikes, ref.spikes)
     assert stats.max_logit.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     if nk > 3:
-        assert ref_spikes[1::2].any(), "the test inputs should contain spikes on spiked rows"
+        assert ref.spikes[1::2].any(), "the test inputs should contain spikes on spiked rows"
+
+
+def test_float64_path_computes_everything_in_float64():
+    """No step of the float64 path rounds through float32 (e.g. the spike factor 0.3)."""
+    q, k, v = spiky_inputs(2, 64, 77, 2, 40, torch.float64, seed=11)
+    q, k = 3 * q, 3 * k  # large logits: a float32-rounded factor would move them by ~1e-7
+    kwargs = dict(spike_rows=torch.tensor([True, True]), spike_scale=0.3, token_scale=0.5 + torch.rand(2, 77))
+    out, stats = cross_attention(q, k, v, return_stats=True, backend="torch", **kwargs)
+    ref = reference_attention(q, k, v, **kwargs)
+    assert ref.spikes.any() and out.dtype == stats.mass.dtype == stats.max_logit.dtype == torch.float64
+    assert torch.equal(stats.spikes, ref.spikes)
+    for got, want in ((out, ref.out), (stats.mass, ref.mass), (stats.max_logit, ref.max_logit)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_token_scale_and_bias_masking_including_a_fully_masked_row():
@@ -106,15 +84,13 @@ def test_token_scale_and_bias_masking_including_a_fully_masked_row():
         return_stats=True,
         backend="torch",
     )
-    ref_out, _, ref_mass, ref_spikes = naive_reference(
-        q, k, v, spike_rows=spike_rows, token_scale=token_scale, token_bias=token_bias
-    )
+    ref = reference_attention(q, k, v, spike_rows=spike_rows, token_scale=token_scale, token_bias=token_bias)
     assert torch.isfinite(out).all()
     assert torch.equal(out[2], torch.zeros_like(out[2]))
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
-    torch.testing.assert_close(stats.mass, ref_mass, rtol=0, atol=1e-9)
+    torch.testing.assert_close(out, ref.out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stats.mass, ref.mass, rtol=0, atol=1e-12)
     assert stats.mass[0, :, 10:].abs().max() == 0
-    assert torch.equal(stats.spikes, ref_spikes)
+    assert torch.equal(stats.spikes, ref.spikes)
 
 
 def test_strided_views_of_projection_outputs():
@@ -126,7 +102,7 @@ def test_strided_views_of_projection_outputs():
     v = kv[..., heads * dim :].view(batch, nk, heads, dim)
     assert not q.is_contiguous()
     out = cross_attention(q, k, v, spike_rows=torch.tensor([True, False]))
-    torch.testing.assert_close(out, naive_reference(q, k, v, spike_rows=torch.tensor([True, False]))[0])
+    torch.testing.assert_close(out, reference_attention(q, k, v, spike_rows=torch.tensor([True, False])).out)
 
 
 def test_small_chunks_give_the_same_result():
@@ -147,7 +123,7 @@ def test_return_stats_off_gives_the_same_output_and_alpha_one_is_plain_attention
     assert isinstance(stats, AttentionStats)
     assert torch.equal(with_stats, cross_attention(q, k, v, spike_rows=rows))
     plain = cross_attention(q, k, v, spike_rows=rows, spike_scale=1.0)
-    torch.testing.assert_close(plain, naive_reference(q, k, v)[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(plain, reference_attention(q, k, v).out, rtol=0, atol=1e-12)
 
 
 def _qkv(batch=2, nq=8, nk=5, heads=2, dim=16, dtype=torch.float32):
