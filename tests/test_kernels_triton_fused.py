@@ -1,4 +1,4 @@
-"""The fused Triton kernel (guard_kernels.triton_fused) against an independent float64 reference.
+"""The fused Triton kernel (guard_kernels.triton_fused) against the float64 reference of guard_kernels.testing.
 
 Runs on the CPU through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), or on a
 GPU when one is present. Every buffer the launcher allocates is poisoned (NaN / True / 1) so an
@@ -24,68 +24,10 @@ import pytest
 import torch
 
 from guard_kernels import cross_attention, limits, triton_fused
+from guard_kernels.testing import error_budget, reference_attention, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def reference_attention(q, k, v, scale, spike_rows, threshold, alpha, token_scale, token_bias):
-    """GUARD cross-attention in float64 with the (Nq x Nk) logits materialised.
-
-    Returns (out, peaks, mass, spikes, z) with z the spike rule's z-scores (NaN where undefined).
-    """
-    q, k, v = (t.double().cpu() for t in (q, k, v))
-    batch, _, heads, _ = q.shape
-    num_keys = k.shape[1]
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    peaks = logits.amax(dim=2)  # (B, H, Nk)
-    spikes = torch.zeros(batch, heads, num_keys, dtype=torch.bool)
-    z = torch.full((batch, heads, num_keys), math.nan, dtype=torch.float64)
-    if spike_rows is not None and num_keys >= 3:
-        body = peaks[..., 1:]
-        n = num_keys - 1
-        mean = body.sum(-1, keepdim=True) / n
-        std = (((body - mean) ** 2).sum(-1, keepdim=True) / (n - 1)).sqrt()
-        z[..., 1:] = (body - mean) / (std + 1e-6)
-        rows = spike_rows.cpu().view(batch, 1, 1)
-        spikes[..., 1:] = (z[..., 1:] > threshold) & rows
-    factor = torch.where(spikes, alpha, 1.0).double()
-    if token_scale is not None:
-        factor = factor * _per_head(token_scale, heads)
-    modulated = logits * factor[:, :, None, :]
-    if token_bias is not None:
-        modulated = modulated + _per_head(token_bias, heads)[:, :, None, :]
-    row_max = modulated.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    weights = torch.exp(modulated - row_max)
-    total = weights.sum(-1, keepdim=True)
-    probs = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out, peaks, probs.sum(dim=2), spikes, z
-
-
-def torch_at_dtype(q, k, v, scale, spikes, alpha, token_scale, token_bias):
-    """The same attention computed eagerly in the inputs' own dtype (the error yardstick)."""
-    q, k, v = (t.cpu() for t in (q, k, v))
-    heads = q.shape[2]
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    factor = torch.where(spikes, alpha, 1.0).to(q.dtype)
-    if token_scale is not None:
-        factor = factor * _per_head(token_scale, heads).to(q.dtype)
-    modulated = logits * factor[:, :, None, :]
-    if token_bias is not None:
-        modulated = modulated + _per_head(token_bias, heads).to(q.dtype)[:, :, None, :]
-    probs = torch.nan_to_num(torch.softmax(modulated, dim=-1), nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def _per_head(token: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Nk) or (B, H, Nk) -> (B, H, Nk) float64 on the CPU."""
-    token = token.double().cpu()
-    return token[:, None, :].expand(-1, heads, -1) if token.dim() == 2 else token
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -163,7 +105,7 @@ def draw_case(name: str, case: Case, margin: float = 1e-3):
             k[:, nk // 2] *= 2.5
         q, k, v = (t.to(case.dtype) for t in (q, k, v))
         spike_rows = None if case.spike_rows is None else torch.tensor(case.spike_rows)
-        _, _, _, _, z = reference_attention(q, k, v, d**-0.5, spike_rows, case.threshold, 0.3, None, None)
+        z = reference_attention(q, k, v, spike_rows=spike_rows, spike_threshold=case.threshold).z
         if spike_rows is None or nk < 3 or torch.nan_to_num((z - case.threshold).abs(), nan=1.0).min() > margin:
             break
     else:
@@ -220,11 +162,10 @@ def run_kernel(q, k, v, args, return_stats):
     )
 
 
-def max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (both finite), the per-tensor relative error."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
+def finite_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """rel_err, after checking that every element was written (the launcher's buffers start as NaN)."""
     assert torch.isfinite(actual).all(), "non-finite values (a poisoned element was never written?)"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    return rel_err(actual, expected)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -262,27 +203,25 @@ def test_matches_float64_reference(name, poisoned_allocations):
     out, stats = run_kernel(q, k, v, args, return_stats=True)
     assert len(poisoned_allocations) >= 4, "the poisoning hook was bypassed"
 
-    ref_out, ref_peaks, ref_mass, ref_spikes, _ = reference_attention(
-        q, k, v, args["scale"], spike_rows, case.threshold, 0.3, token_scale, token_bias
-    )
-    same_dtype = torch_at_dtype(q, k, v, args["scale"], ref_spikes, 0.3, token_scale, token_bias)
+    mods = dict(spike_rows=spike_rows, spike_threshold=case.threshold, token_scale=token_scale, token_bias=token_bias)
+    ref = reference_attention(q, k, v, **mods)
+    yardstick = reference_attention(q, k, v, **mods, dtype=case.dtype, spikes=ref.spikes)
 
     assert out.shape == (case.batch, case.num_queries, case.heads, case.head_dim)
     assert out.dtype == case.dtype and out.is_contiguous() and out.device == q.device
-    kernel_err = (out.double().cpu() - ref_out).abs().max().item()
-    torch_err = (same_dtype.double().cpu() - ref_out).abs().max().item()
     assert torch.isfinite(out).all()
-    assert kernel_err <= 2 * torch_err + 1e-5, f"kernel error {kernel_err:.3g} vs torch-at-dtype {torch_err:.3g}"
+    budget = error_budget(out, ref.out, yardstick.out)
+    assert budget.ok, budget
     if case.dtype == torch.float16:
-        assert max_rel(out, ref_out) <= 2e-3
+        assert finite_rel_err(out, ref.out) <= 2e-3
 
     assert stats.spikes.dtype == torch.bool
-    assert torch.equal(stats.spikes.cpu(), ref_spikes)
+    assert torch.equal(stats.spikes, ref.spikes)
     if case.spike_rows is not None and any(case.spike_rows) and case.num_keys >= 6:
-        assert ref_spikes.any(), "the case was meant to contain spikes"
-    for got, want in ((stats.max_logit, ref_peaks), (stats.mass, ref_mass)):
+        assert ref.spikes.any(), "the case was meant to contain spikes"
+    for got, want in ((stats.max_logit, ref.max_logit), (stats.mass, ref.mass)):
         assert got.dtype == torch.float32 and got.shape == (case.batch, case.heads, case.num_keys)
-        assert max_rel(got, want) <= 1e-4
+        assert finite_rel_err(got, want) <= 1e-4
     if case.token_bias == "row":  # a fully masked row: zeros, never NaN
         assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
         assert torch.equal(stats.mass[0].cpu(), torch.zeros_like(stats.mass[0].cpu()))
@@ -312,8 +251,7 @@ def test_plain_path_allocates_only_the_output(poisoned_allocations):
     q, k, v, _, _, _ = draw_case("plain", case)
     out, stats = run_kernel(q, k, v, kernel_args(q, case, None, None, None), return_stats=False)
     assert stats is None and len(poisoned_allocations) == 1 and poisoned_allocations[0] is out
-    ref_out = reference_attention(q, k, v, case.head_dim**-0.5, None, 0.1, 0.3, None, None)[0]
-    assert max_rel(out, ref_out) <= 2e-3
+    assert finite_rel_err(out, reference_attention(q, k, v).out) <= 2e-3
 
 
 @pytest.mark.parametrize(
