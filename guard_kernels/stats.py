@@ -1,8 +1,9 @@
 """Per-token attention statistics and GUARD's spike rule.
 
 The spike rule is shared by every backend so that "which tokens are spikes" has exactly one
-definition (GUARD_SPEC section 2): peaks over all queries of the raw logit, z-score over the
-non-BOS tokens with the unbiased standard deviation, strict ``z > threshold``, BOS never a spike.
+definition, the one of the GUARD paper (arXiv 2603.00133) as its released code computes it: peaks
+over all queries of the raw logit, z-score over the non-BOS tokens with the unbiased standard
+deviation (+ 1e-6), strict ``z > threshold``, BOS never a spike.
 """
 
 from typing import NamedTuple
