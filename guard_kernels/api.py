@@ -156,6 +156,21 @@ def cross_attention(
 
     Returns:
         ``out`` (B, Nq, H, D), contiguous, in q's dtype; or ``(out, stats)`` with ``return_stats``.
+
+    Non-finite inputs are not checked for (that would cost a host sync); both backends treat NaN
+    and inf in q, k, v, token_scale and token_bias alike, by IEEE arithmetic and these rules. A
+    query whose final logits include NaN or +inf outputs NaN in every channel (a NaN or +inf
+    token_bias thus makes every query of its (row, head) NaN); a -inf final logit masks its key,
+    and a query with every key masked outputs zeros. v enters through P V: a NaN in v makes that
+    channel NaN for every query, an inf makes it inf, or NaN for queries that give its key
+    probability 0 (0 * inf; fp16/bf16 kernels round unnormalised probabilities to that dtype
+    first, so one below its smallest subnormal counts as 0). Statistics propagate NaN:
+    ``max_logit`` is NaN for a token if any query's raw logit for it is NaN; ``mass`` is NaN
+    where a NaN probability entered its sum (every token of a (row, head) with a NaN query); on a
+    spike row whose peaks of tokens 1..Nk-1 include NaN or inf the spike rule flags nothing (the
+    mean, hence every z-score, is NaN). Infinite q or k give logits by IEEE rules (inf * 0 =
+    NaN), except that on a GPU float32 q and k go through a 3-pass TF32 dot, which turns an
+    infinite element into NaN logits.
     """
     _check_qkv(q, k, v)
     batch, _, heads, head_dim = q.shape

@@ -93,6 +93,33 @@ def test_token_scale_and_bias_masking_including_a_fully_masked_row():
     assert torch.equal(stats.spikes, ref.spikes)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_torch_path_non_finite_rules_do_not_depend_on_token_bias(with_bias):
+    """A NaN query gives NaN, a query whose keys are all -inf gives zeros, with or without token_bias."""
+    q, k, v = spiky_inputs(3, 40, 9, 2, 8, torch.float64, seed=12)
+    q[0, 3, 1, 0] = math.nan  # query 3 of (row 0, head 1)
+    q[1, :, 0, 0] = q[1, :, 0, 0].abs() + 0.1
+    k[1, :, 0, 0] = -math.inf  # every logit of (row 1, head 0) is -inf: fully masked without any bias
+    v[2, 4, 1, 6] = math.nan  # channel 6 of (row 2, head 1)
+    token_bias = torch.zeros(3, 9, dtype=torch.float64) if with_bias else None
+    rows = torch.tensor([True, True, True])
+    kwargs = dict(spike_rows=rows, token_bias=token_bias, return_stats=True, backend="torch")
+    out, stats = cross_attention(q, k, v, **kwargs)
+    ref = reference_attention(q, k, v, spike_rows=rows, token_bias=token_bias)
+    for got, want in zip((out, *stats), ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
+    args = (8**-0.5, rows, 0.1, 0.3, None, None if token_bias is None else token_bias[:, None].expand(3, 2, 9), True)
+    chunked, chunked_stats = torch_cross_attention(q, k, v, *args, chunk_elements=2 * 3 * 9 * 7)
+    for got, want in zip((chunked, *chunked_stats), (out, *stats)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, equal_nan=True)
+
+    assert torch.isnan(out[0, 3, 1]).all() and torch.isfinite(out[0, :3, 1]).all()
+    assert torch.isnan(stats.max_logit[0, 1]).all() and not stats.spikes[0, 1].any() and stats.spikes[0, 0].any()
+    assert torch.isnan(stats.mass[0, 1]).all() and torch.isfinite(stats.mass[0, 0]).all()
+    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0])) and not stats.mass[1, 0].any()
+    assert torch.isnan(out[2, :, 1, 6]).all() and torch.isfinite(out[2, :, 1, :6]).all()
+
+
 def test_strided_views_of_projection_outputs():
     batch, n, heads, dim, nk = 2, 40, 3, 40, 77
     qkv = torch.randn(batch, n, 3 * heads * dim, dtype=torch.float64)

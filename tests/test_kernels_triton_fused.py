@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from guard_kernels import cross_attention, limits, triton_fused
 from guard_kernels.testing import error_budget, reference_attention, rel_err
@@ -273,6 +275,119 @@ def test_public_api_triton_matches_torch_backend(dtype, spike_rows, token_bias):
     assert torch.equal(cross_attention(q, k, v, backend="triton", **{**kwargs, "return_stats": False}), out_t)
 
 
+def non_finite_inputs(dtype):
+    """Inputs with NaN/inf planted where each rule of cross_attention's docstring applies.
+
+    Row 0: a NaN query (head 0, in the second query block) and a NaN key (head 1). Row 1: NaN and
+    +inf in v (head 0), +inf in v at a masked key (head 1). Row 2: +inf and NaN token_bias. Row 3:
+    every key masked. Spike rows everywhere, so both kernels' reductions see the NaNs.
+    """
+    gen = torch.Generator().manual_seed(7)
+    batch, nq, heads, nk, dim = 4, 70, 2, 20, 16
+    q = 0.5 * torch.randn(batch, nq, heads, dim, generator=gen)
+    k = torch.randn(batch, nk, heads, dim, generator=gen)
+    k[:, 2] *= 3.0  # a spike on every (row, head)
+    v = torch.randn(batch, nk, heads, dim, generator=gen)
+    token_bias = 0.1 * torch.randn(batch, heads, nk, generator=gen)
+    clean = tuple(t.to(DEVICE, dtype, copy=True) for t in (q, k, v)) + (token_bias.to(DEVICE, copy=True),)
+    q[0, 66, 0, 3] = math.nan
+    k[0, 7, 1, 2] = math.nan
+    v[1, 4, 0, 5], v[1, 6, 0, 9] = math.nan, math.inf
+    token_bias[1, 1, 3], v[1, 3, 1, 1] = -math.inf, math.inf
+    token_bias[2, 0, 8], token_bias[2, 1, 9] = math.inf, math.nan
+    token_bias[3] = -math.inf
+    planted = tuple(t.to(DEVICE, dtype) for t in (q, k, v)) + (token_bias.to(DEVICE),)
+    return clean, planted
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_inputs_follow_the_documented_rules_on_both_paths(dtype, poisoned_allocations):
+    (q0, k0, v0, bias0), (q, k, v, token_bias) = non_finite_inputs(dtype)
+    rows = torch.ones(4, dtype=torch.bool, device=DEVICE)
+    kwargs = dict(spike_rows=rows, token_bias=token_bias, return_stats=True)
+    out, stats = cross_attention(q, k, v, backend="triton", **kwargs)
+    out_torch, stats_torch = cross_attention(q, k, v, backend="torch", **kwargs)
+    ref = reference_attention(q, k, v, spike_rows=rows, token_bias=token_bias)
+    tol = dict(rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-3, equal_nan=True)
+    torch.testing.assert_close(out.float(), out_torch.float(), **tol)  # NaN and inf in the same places
+    torch.testing.assert_close(out.double(), ref.out, **tol)
+    for got, want, expected in zip(stats, stats_torch, ref[1:4]):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4, equal_nan=True)
+        torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4, equal_nan=True)
+    plain = cross_attention(q, k, v, token_bias=token_bias, backend="triton")  # no statistics, no spike rule
+    assert torch.equal(torch.isnan(plain), torch.isnan(out)) and torch.equal(torch.isinf(plain), torch.isinf(out))
+
+    finite = torch.isfinite
+    clean_spikes = cross_attention(q0, k0, v0, spike_rows=rows, token_bias=bias0, return_stats=True)[1].spikes
+    assert clean_spikes[:2].all(dim=-1).logical_not().all() and clean_spikes[:2].any(dim=-1).all()
+    # Row 0: a NaN raw logit makes its query NaN, its token's max_logit NaN, and the spike rule flag nothing.
+    assert torch.isnan(out[0, 66, 0]).all() and finite(out[0, :66, 0]).all() and finite(out[0, 67:, 0]).all()
+    assert torch.isnan(stats.max_logit[0, 0]).all() and not stats.spikes[0].any()
+    assert torch.isnan(out[0, :, 1]).all() and torch.isnan(stats.max_logit[0, 1, 7])
+    assert finite(stats.max_logit[0, 1, :7]).all() and finite(stats.max_logit[0, 1, 8:]).all()
+    assert torch.isnan(stats.mass[0]).all()
+    # Row 1: v's NaN and inf go through P V; a masked key holding inf gives 0 * inf = NaN.
+    assert torch.isnan(out[1, :, 0, 5]).all() and torch.equal(
+        out[1, :, 0, 9], torch.full_like(out[1, :, 0, 9], math.inf)
+    )
+    assert torch.isnan(out[1, :, 1, 1]).all()
+    assert finite(out[1, :, :, [0, 2, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]]).all() and finite(stats.mass[1]).all()
+    assert torch.equal(stats.spikes[1], clean_spikes[1])
+    # Row 2: a +inf or NaN final logit makes every query of its (row, head) NaN; raw statistics stay finite.
+    assert torch.isnan(out[2]).all() and torch.isnan(stats.mass[2]).all() and finite(stats.max_logit[2]).all()
+    # Row 3: every key masked: zeros.
+    assert torch.equal(out[3], torch.zeros_like(out[3])) and torch.equal(stats.mass[3], torch.zeros_like(stats.mass[3]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_a_minus_inf_logit_masks_its_key_and_padded_queries_add_no_mass(poisoned_allocations):
+    """q > 0 on channel 0 and k = -inf there: key 5 gets -inf logits for every real query, while the
+    zero-padded queries of the last block compute 0 * -inf = NaN, which must stay out of the mass.
+    (float16: a float32 GPU dot splits operands for 3-pass TF32 and would make these logits NaN.)"""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 70, 1, 16, generator=gen)
+    q[..., 0] = q[..., 0].abs() + 0.1
+    k, v = torch.randn(2, 2, 12, 1, 16, generator=gen)
+    k[:, 5, 0, 0] = -math.inf
+    q, k, v = (t.to(DEVICE, torch.float16) for t in (q, k, v))
+    rows = torch.tensor([True, False], device=DEVICE)
+    out, stats = cross_attention(q, k, v, spike_rows=rows, return_stats=True, backend="triton")
+    out_torch, stats_torch = cross_attention(q, k, v, spike_rows=rows, return_stats=True, backend="torch")
+    assert torch.isfinite(out).all() and torch.isfinite(stats.mass).all()
+    assert not stats.mass[:, :, 5].any() and (stats.max_logit[:, :, 5] == -math.inf).all()
+    assert not stats.spikes.any()  # a -inf peak makes row 0's z-scores NaN
+    torch.testing.assert_close(out, out_torch, rtol=0, atol=2e-3)
+    for got, want in zip(stats, stats_torch):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
+
+
+@triton.jit
+def _column_max_probe(x_ptr, valid_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr, COUNT_NANS: tl.constexpr):
+    offs_m, offs_n = tl.arange(0, M), tl.arange(0, N)
+    x = tl.load(x_ptr + offs_m[:, None] * N + offs_n[None, :])
+    valid = tl.load(valid_ptr + offs_m) != 0
+    tl.store(out_ptr + offs_n, triton_fused._column_max(x, valid, COUNT_NANS))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("count_nans", [True, False], ids=["interpreter-variant", "gpu-variant"])
+def test_block_column_max_propagates_nan_like_torch_amax(count_nans):
+    """Both variants of the block reduction (the GPU's runs here through the interpreter, slowly)."""
+    x = torch.randn(16, 16, device=DEVICE)
+    x[3, 1] = x[0, 2] = x[15, 3] = math.nan  # NaN in valid rows: columns 1-3 NaN
+    x[5, 4], x[6, 5], x[6, 6] = math.inf, -math.inf, math.inf
+    x[5, 10], x[6, 10] = math.inf, math.nan  # inf and NaN: NaN
+    x[1, 7] = x[8, 8] = math.nan  # rows 1 and 8 are invalid (padding): ignored
+    x[:, 9] = -math.inf
+    valid = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    valid[[1, 8]] = False
+    out = torch.empty(16, device=DEVICE)
+    _column_max_probe[(1,)](x, valid.to(torch.uint8), out, 16, 16, count_nans)
+    torch.testing.assert_close(out, x[valid].amax(dim=0), rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out[[1, 2, 3, 10]]).all() and torch.isfinite(out[7:9]).all() and out[9] == -math.inf
+
+
 def test_launcher_rejects_what_it_cannot_tile(monkeypatch):
     q = torch.randn(1, 8, 1, 16, device=DEVICE)
     k = torch.randn(1, limits.MAX_KEYS + 1, 1, 16, device=DEVICE)
@@ -403,6 +518,7 @@ def _aot_report(cases):
                     stack=stack,
                     tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
                     scalar_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b16|u16)\s", ptx)),
+                    nan_max=len(re.findall(r"max\.NaN\.f32", ptx)),
                 )
             )
     triton_fused._spike_peaks_kernel, triton_fused._attention_kernel = real
@@ -424,6 +540,8 @@ def test_kernels_compile_for_hopper_without_spills():
         assert entry["stack"] == 0, f"register spills: {entry}"
         assert entry["tensor_cores"], f"no tensor-core dot: {entry}"
         assert entry["scalar_loads"] == 0, f"unvectorised 16-bit loads: {entry}"
+        # Statistics and spike peaks reduce with a NaN-propagating max; the plain path has none.
+        assert (entry["nan_max"] > 0) == entry["case"][-1], f"NaN-propagating max: {entry}"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["aot-report"]:
