@@ -6,7 +6,8 @@ Providers:
   fused_guard  the same with return_stats=True and the spike rule on 1/3 of the rows (GUARD's batch)
   sdpa         torch.nn.functional.scaled_dot_product_attention (flash/efficient kernels, no stats)
   naive        the eager path other implementations run: logits materialised, per-token peaks,
-               z-score, attenuation, softmax, mass, P V (all in torch)
+               z-score, attenuation, softmax, mass, P V, all in torch at the inputs' dtype
+               (guard_kernels.testing.reference_attention, the tests' reference)
   torch_guard  guard_kernels.cross_attention's PyTorch path (chunked, the CPU fallback) with
                statistics and the spike rule, as fused_guard
 
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guard_kernels import cross_attention  # noqa: E402
+from guard_kernels.testing import reference_attention  # noqa: E402
 
 TEXT_TOKENS = 77
 SPIKE_THRESHOLD, SPIKE_SCALE = 0.1, 0.3
@@ -102,22 +104,6 @@ def make_inputs(shape: LayerShape, batch: int, dtype: torch.dtype, device, seed:
     return Inputs(q, k, v, spike_rows)
 
 
-def naive_guard_attention(q, k, v, spike_rows, threshold=SPIKE_THRESHOLD, alpha=SPIKE_SCALE):
-    """GUARD's attenuated cross-attention as the eager implementations do it (with statistics)."""
-    batch, num_queries, heads, dim = q.shape
-    logits = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * dim**-0.5  # (B, H, Nq, Nk)
-    peaks = logits.amax(dim=2).float()
-    body = peaks[..., 1:]
-    z = (body - body.mean(-1, keepdim=True)) / (body.std(-1, keepdim=True) + 1e-6)
-    spikes = torch.zeros_like(peaks, dtype=torch.bool)
-    spikes[..., 1:] = (z > threshold) & spike_rows.view(batch, 1, 1)
-    factor = torch.where(spikes, alpha, 1.0).to(logits.dtype)
-    probs = torch.softmax(logits * factor[:, :, None, :], dim=-1)
-    mass = probs.float().sum(dim=2)
-    out = torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2).reshape(batch, num_queries, heads * dim)
-    return out, (peaks, mass, spikes)
-
-
 def provider_fn(provider: str, inputs: Inputs) -> Callable[[], object]:
     q, k, v, spike_rows = inputs
     if provider == "fused_off":
@@ -131,7 +117,9 @@ def provider_fn(provider: str, inputs: Inputs) -> Callable[[], object]:
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
     if provider == "naive":
-        return lambda: naive_guard_attention(q, k, v, spike_rows)
+        return lambda: reference_attention(
+            q, k, v, spike_rows=spike_rows, spike_threshold=SPIKE_THRESHOLD, spike_scale=SPIKE_SCALE, dtype=q.dtype
+        )
     if provider == "torch_guard":
         return lambda: cross_attention(
             q, k, v, spike_rows=spike_rows, spike_threshold=SPIKE_THRESHOLD, spike_scale=SPIKE_SCALE,
@@ -189,7 +177,7 @@ def summarize(json_path: str) -> str:
             if provider not in rows:
                 continue
             row = rows[provider]
-            ratio = lambda other: (  # noqa: E731
+            ratio = lambda other, rows=rows, row=row, provider=provider: (
                 f"{rows[other]['median'] / row['median']:.2f}x" if other in rows and other != provider else ""
             )
             memory = row.get("peak_extra_bytes")

@@ -6,8 +6,8 @@
 Stages (each writes DIR/results.json and DIR/results.md as it finishes, so a run cut short still
 leaves what it measured; DIR defaults to $OUT if set, else ./gpu_results):
 1. correctness: every preset layer shape at batch 3, fp16 and bf16, with and without GUARD spike
-   rows, statistics on, against a float64 materialising reference (flash-attention error rule:
-   max error <= 2x the same computation in torch at that dtype + 1e-5; fp16 relative error
+   rows, statistics on, against guard_kernels.testing's float64 materialising reference (its error
+   budget: max error <= 2x the same computation in torch at that dtype + 1e-5; fp16 relative error
    <= 2e-3; statistics relative error <= 1e-4; spike masks equal except where the reference
    z-score is within 1e-3 of the threshold), plus token_scale/token_bias, 231-key and fp32
    cases; repeated calls must be bit-identical.
@@ -152,51 +152,9 @@ def measured_copy_bandwidth(device) -> float:
 # ----------------------------------------------------------------------------- stage 1: correctness
 
 
-def reference(q, k, v, spike_rows, threshold, alpha, token_scale=None, token_bias=None):
-    """float64 GUARD attention with materialised logits: out, peaks, mass, spikes, z."""
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    batch, _, heads, dim = q.shape
-    logits = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * dim**-0.5
-    peaks = logits.amax(dim=2)
-    spikes = torch.zeros_like(peaks, dtype=torch.bool)
-    z = torch.full_like(peaks, float("nan"))
-    if spike_rows is not None and peaks.shape[-1] >= 3:
-        body = peaks[..., 1:]
-        z[..., 1:] = (body - body.mean(-1, keepdim=True)) / (body.std(-1, keepdim=True) + 1e-6)
-        spikes[..., 1:] = (z[..., 1:] > threshold) & spike_rows.view(batch, 1, 1)
-    factor = torch.where(spikes, alpha, 1.0).double()
-    if token_scale is not None:
-        factor = factor * token_scale.double()[:, None, :]
-    modulated = logits * factor[:, :, None, :]
-    if token_bias is not None:
-        modulated = modulated + token_bias.double()[:, None, None, :]
-    probs = torch.nan_to_num(torch.softmax(modulated, dim=-1), nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v64), peaks, probs.sum(dim=2), spikes, z
-
-
-def same_dtype_attention(q, k, v, spikes, alpha, token_scale=None, token_bias=None):
-    """The computation in the inputs' dtype, eagerly: the yardstick of the flash-attention error rule."""
-    dim = q.shape[-1]
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * dim**-0.5
-    factor = torch.where(spikes, alpha, 1.0).to(q.dtype)
-    if token_scale is not None:
-        factor = factor * token_scale.to(q.dtype)[:, None, :]
-    modulated = logits * factor[:, :, None, :]
-    if token_bias is not None:
-        modulated = modulated + token_bias.to(q.dtype)[:, None, None, :]
-    probs = torch.nan_to_num(torch.softmax(modulated, dim=-1), nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def rel_err(actual, expected) -> float:
-    actual, expected = actual.double(), expected.double()
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
 def check_case(bk, shape, batch, dtype, device, guard, seed, token_mods=False):
     from guard_kernels import cross_attention
+    from guard_kernels.testing import error_budget, reference_attention, rel_err
 
     inputs = bk.make_inputs(shape, batch, dtype, device, seed=seed)
     q, k, v, rows = inputs
@@ -208,29 +166,27 @@ def check_case(bk, shape, batch, dtype, device, guard, seed, token_mods=False):
         token_bias = torch.zeros(batch, shape.num_keys)
         token_bias[:, shape.num_keys // 2 :] = float("-inf")
         token_bias = token_bias.to(device)
-    kwargs = dict(spike_rows=rows, spike_threshold=bk.SPIKE_THRESHOLD, spike_scale=bk.SPIKE_SCALE)
-    kwargs.update(token_scale=token_scale, token_bias=token_bias, backend="triton")
-    out, stats = cross_attention(q, k, v, return_stats=True, **kwargs)
-    out_again, stats_again = cross_attention(q, k, v, return_stats=True, **kwargs)
-    out_plain = cross_attention(q, k, v, return_stats=False, **kwargs)
+    mods = dict(spike_rows=rows, spike_threshold=bk.SPIKE_THRESHOLD, spike_scale=bk.SPIKE_SCALE)
+    mods.update(token_scale=token_scale, token_bias=token_bias)
+    out, stats = cross_attention(q, k, v, return_stats=True, backend="triton", **mods)
+    out_again, stats_again = cross_attention(q, k, v, return_stats=True, backend="triton", **mods)
+    out_plain = cross_attention(q, k, v, return_stats=False, backend="triton", **mods)
 
-    ref_out, ref_peaks, ref_mass, ref_spikes, z = reference(
-        q, k, v, rows, bk.SPIKE_THRESHOLD, bk.SPIKE_SCALE, token_scale, token_bias
-    )
-    yardstick = same_dtype_attention(q, k, v, ref_spikes, bk.SPIKE_SCALE, token_scale, token_bias)
-    kernel_err = (out.double() - ref_out).abs().max().item()
-    torch_err = (yardstick.double() - ref_out).abs().max().item()
-    near_threshold = (z - bk.SPIKE_THRESHOLD).abs() < 1e-3
-    spike_mismatch = int(((stats.spikes != ref_spikes) & ~near_threshold).sum())
+    ref = reference_attention(q, k, v, **mods)
+    yardstick = reference_attention(q, k, v, **mods, dtype=dtype, spikes=ref.spikes)
+    budget = error_budget(out, ref.out, yardstick.out)
+    on_rows = torch.zeros(batch, dtype=torch.bool, device=device) if rows is None else rows
+    near_threshold = ((ref.z - bk.SPIKE_THRESHOLD).abs() < 1e-3) & on_rows.view(batch, 1, 1)
+    spike_mismatch = int(((stats.spikes != ref.spikes) & ~near_threshold).sum())
     row = dict(
         case=f"{shape.name}-b{batch}-{str(dtype).replace('torch.', '')}{'-guard' if guard else ''}"
         f"{'-tokenmods' if token_mods else ''}",
-        out_err=kernel_err,
-        torch_err=torch_err,
-        out_rel=rel_err(out, ref_out),
-        max_logit_rel=rel_err(stats.max_logit, ref_peaks),
-        mass_rel=rel_err(stats.mass, ref_mass),
-        spikes=int(ref_spikes.sum()),
+        out_err=budget.error,
+        torch_err=budget.yardstick_error,
+        out_rel=rel_err(out, ref.out),
+        max_logit_rel=rel_err(stats.max_logit, ref.max_logit),
+        mass_rel=rel_err(stats.mass, ref.mass),
+        spikes=int(ref.spikes.sum()),
         spike_mismatch=spike_mismatch,
         spikes_near_threshold=int(near_threshold.sum()),
         deterministic=torch.equal(out, out_again) and all(map(torch.equal, stats, stats_again)),
@@ -238,7 +194,7 @@ def check_case(bk, shape, batch, dtype, device, guard, seed, token_mods=False):
         stats_off_max_diff=(out.double() - out_plain.double()).abs().max().item(),
     )
     row["ok"] = bool(
-        kernel_err <= 2 * torch_err + 1e-5
+        budget.ok
         and (dtype != torch.float16 or row["out_rel"] <= 2e-3)
         and row["max_logit_rel"] <= 1e-4
         and row["mass_rel"] <= 1e-4
@@ -321,12 +277,12 @@ def stage_configs(bk, shapes, device, timer, rows, dry_run):
             for peak_cfg in peaks:
                 plan = Plan(attn_cfg, peak_cfg)
 
-                def guard(plan=plan):
+                def guard(plan=plan, q=q, k=k, v=v, scale=scale, rows_mask=rows_mask):
                     return triton_fused.triton_cross_attention(
                         q, k, v, scale, rows_mask, bk.SPIKE_THRESHOLD, bk.SPIKE_SCALE, None, None, True, plan=plan
                     )
 
-                def plain(plan=plan):
+                def plain(plan=plan, q=q, k=k, v=v, scale=scale):
                     return triton_fused.triton_cross_attention(
                         q, k, v, scale, None, 0.0, 1.0, None, None, False, plan=plan
                     )
@@ -454,7 +410,8 @@ def render_markdown(results) -> str:
         for row in results["benchmark"]:
             off, guard, naive = row["fused_off"], row["fused_guard"], row["naive"]
             rows.append([
-                row["case"], *(f"{row[p]['us']:.1f}" for p in ("fused_off", "fused_guard", "sdpa", "naive", "torch_guard")),
+                row["case"],
+                *(f"{row[p]['us']:.1f}" for p in ("fused_off", "fused_guard", "sdpa", "naive", "torch_guard")),
                 f"{off['over_sdpa']:.2f}", f"{guard['over_sdpa']:.2f}", f"{naive['us'] / guard['us']:.1f}",
                 f"{off['gb_per_s']:.0f}", f"{guard['gb_per_s']:.0f}", megabytes(naive), megabytes(guard),
             ])  # fmt: skip
@@ -470,16 +427,19 @@ def render_markdown(results) -> str:
     unet = results["unet16"]
     if unet:
         lines += [
-            f"## SD 1.5 cross-attention layers, batch 3, fp16 ({unet['layers']} layers, GUARD on {unet['guard_layers']})",
+            f"## SD 1.5 cross-attention layers, batch 3, fp16 ({unet['layers']} layers,"
+            f" GUARD on {unet['guard_layers']})",
             "",
             f"Minimal bytes {unet['minimal_bytes'] / 1e6:.1f} MB (with GUARD statistics"
-            f" {unet['guard_minimal_bytes'] / 1e6:.1f} MB); nominal bandwidth {unet['nominal_bandwidth'] / 1e12:.2f} TB/s,"
+            f" {unet['guard_minimal_bytes'] / 1e6:.1f} MB);"
+            f" nominal bandwidth {unet['nominal_bandwidth'] / 1e12:.2f} TB/s,"
             f" measured copy {unet['copy_bandwidth'] / 1e12:.2f} TB/s.",
             "",
         ]
         rows = [
-            [name, f"{unet[name]['us']:.1f}", _fmt(unet[name]["graph_us"], ".1f"), _fmt(unet[name]["over_nominal_floor"]),
-             _fmt(unet[name]["over_copy_floor"]), _fmt(unet[name]["graph_over_nominal_floor"])]
+            [name, f"{unet[name]['us']:.1f}", _fmt(unet[name]["graph_us"], ".1f"),
+             _fmt(unet[name]["over_nominal_floor"]), _fmt(unet[name]["over_copy_floor"]),
+             _fmt(unet[name]["graph_over_nominal_floor"])]
             for name in ("fused_off", "fused_guard", "sdpa") if name in unet
         ]  # fmt: skip
         header = ["sequence", "us:", "CUDA graph us:", "x nominal floor:", "x copy floor:", "graph x nominal floor:"]

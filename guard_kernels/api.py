@@ -1,16 +1,15 @@
 """The public entry point: validate arguments once, then dispatch to the Triton or PyTorch path."""
 
-import math
 import os
 from typing import Optional
 
 import torch
 
-from .limits import MAX_HEAD_DIM, MAX_KEYS
+from .limits import TRITON_DTYPES, tile_limit_error
 from .reference import compute_dtype, torch_cross_attention
+from .validation import real_number
 
 BACKENDS = ("auto", "triton", "torch")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 
@@ -27,14 +26,12 @@ def triton_available() -> bool:
     return True
 
 
-def _finite(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    return number
+def _positive_scale(value) -> float:
+    """The logit scale: finite and > 0 (zero would make every query attend uniformly)."""
+    scale = real_number("scale", value)
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale:g}")
+    return scale
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -107,10 +104,9 @@ def _spike_rows(value, batch: int, device) -> Optional[torch.Tensor]:
 def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    head_dim = q.shape[-1]
-    fits = head_dim <= MAX_HEAD_DIM and num_keys <= MAX_KEYS
+    too_large = tile_limit_error(q.shape[-1], num_keys)
     if backend == "auto":
-        usable = q.is_cuda and q.dtype in TRITON_DTYPES and fits and triton_available()
+        usable = q.is_cuda and q.dtype in TRITON_DTYPES and too_large is None and triton_available()
         return "triton" if usable else "torch"
     if backend == "triton":
         if not triton_available():
@@ -122,11 +118,8 @@ def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
             )
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports float16, bfloat16 and float32, got {q.dtype}")
-        if not fits:
-            raise ValueError(
-                f"the Triton kernel supports D <= {MAX_HEAD_DIM} and Nk <= {MAX_KEYS}, got D={head_dim},"
-                f" Nk={num_keys}; use backend='torch'"
-            )
+        if too_large is not None:
+            raise ValueError(f"{too_large}; use backend='torch'")
     return backend
 
 
@@ -149,25 +142,45 @@ def cross_attention(
     Args:
         q: (B, Nq, H, D) queries; k, v: (B, Nk, H, D) keys/values. Any strides with unit stride on
             D, so ``to_q(x).view(B, N, H, D)`` needs no copy.
-        scale: logit scale, default ``D ** -0.5``.
+        scale: logit scale, finite and > 0; default ``D ** -0.5``.
         spike_rows: None or bool (B,): rows on which the spike rule runs (GUARD's positive rows).
             On those rows, tokens j >= 1 whose peak logit over all queries has a z-score above
-            ``spike_threshold`` get their logits multiplied by ``spike_scale`` for every query.
+            ``spike_threshold`` (any finite number) get their logits multiplied by ``spike_scale``
+            (finite, >= 0) for every query. Scalars may be Python, NumPy or 0-d torch numbers
+            (:func:`guard_kernels.validation.real_number`, the check ``guard.GuardConfig`` makes).
         token_scale, token_bias: None, (B, Nk) or (B, H, Nk). Final logits are
             ``l * token_scale * (spike_scale if spike else 1) + token_bias``; a ``-inf`` bias masks
             a token, and a row with every token masked outputs zeros.
-        return_stats: also return :class:`~guard_kernels.stats.AttentionStats`.
+        return_stats: a bool; also return :class:`~guard_kernels.stats.AttentionStats`.
         backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
 
     Returns:
         ``out`` (B, Nq, H, D), contiguous, in q's dtype; or ``(out, stats)`` with ``return_stats``.
+
+    Non-finite inputs are not checked for (that would cost a host sync); both backends treat NaN
+    and inf in q, k, v, token_scale and token_bias alike, by IEEE arithmetic and these rules. A
+    query whose final logits include NaN or +inf outputs NaN in every channel (a NaN or +inf
+    token_bias thus makes every query of its (row, head) NaN); a -inf final logit masks its key,
+    and a query with every key masked outputs zeros. v enters through P V: a NaN in v makes that
+    channel NaN for every query, an inf makes it inf, or NaN for queries that give its key
+    probability 0 (0 * inf; fp16/bf16 kernels round unnormalised probabilities to that dtype
+    first, so one below its smallest subnormal counts as 0). Statistics propagate NaN:
+    ``max_logit`` is NaN for a token if any query's raw logit for it is NaN; ``mass`` is NaN
+    where a NaN probability entered its sum (every token of a (row, head) with a NaN query); on a
+    spike row whose peaks of tokens 1..Nk-1 include NaN or inf the spike rule flags nothing (the
+    mean, hence every z-score, is NaN). Infinite q or k give logits by IEEE rules (inf * 0 =
+    NaN), except that on a GPU float32 q and k go through a 3-pass TF32 dot, which turns an
+    infinite element into NaN logits.
     """
     _check_qkv(q, k, v)
     batch, _, heads, head_dim = q.shape
     num_keys = k.shape[1]
-    scale = head_dim**-0.5 if scale is None else _finite("scale", scale)
-    spike_threshold = _finite("spike_threshold", spike_threshold)
-    spike_scale = _finite("spike_scale", spike_scale)
+    scale = head_dim**-0.5 if scale is None else _positive_scale(scale)
+    # The same checks as guard.GuardConfig: a z-score threshold may be negative, a logit factor not.
+    spike_threshold = real_number("spike_threshold", spike_threshold)
+    spike_scale = real_number("spike_scale", spike_scale, minimum=0.0)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     spike_rows = _spike_rows(spike_rows, batch, q.device)
     backend = _resolve_backend(backend, q, num_keys)
     acc = compute_dtype(q.dtype)
@@ -178,10 +191,10 @@ def cross_attention(
         from .triton_fused import triton_cross_attention
 
         out, stats = triton_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, bool(return_stats)
+            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
         )
     else:
         out, stats = torch_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, bool(return_stats)
+            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
         )
     return (out, stats) if return_stats else out

@@ -1,8 +1,9 @@
-"""PyTorch path of :func:`guard_kernels.cross_attention`: the CPU fallback and the semantic reference.
+"""PyTorch path of :func:`guard_kernels.cross_attention`: the CPU fallback, with the kernel's semantics.
 
-It computes exactly what the fused kernel computes, with the queries processed in chunks so that
-memory stays bounded (at most ``chunk_elements`` logits alive at once) even for SDXL-sized layers.
-Inputs are upcast to float32 (float64 stays float64), so it doubles as an accuracy reference.
+It computes exactly what the fused kernel computes (non-finite inputs included), with the queries
+processed in chunks so that memory stays bounded (at most ``chunk_elements`` logits alive at once)
+even for SDXL-sized layers. Inputs are upcast to float32; float64 inputs stay float64 throughout.
+The materialising reference both paths are tested against is :mod:`guard_kernels.testing`.
 """
 
 from typing import Optional
@@ -20,13 +21,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim that returns zeros (not NaN) for rows whose logits are all -inf."""
-    row_max = logits.amax(dim=-1, keepdim=True)
-    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    weights = torch.exp(logits - row_max)
-    total = weights.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys; a row whose logits are all -inf (every key masked) gives zeros.
+
+    A NaN or +inf logit makes its row NaN, as in torch.softmax and the kernel. Fully masked rows
+    can come from a -inf token_bias or from infinite inputs, so the fix-up is unconditional.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return probs.masked_fill_(logits.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
 
 
 def torch_cross_attention(
@@ -72,7 +74,9 @@ def torch_cross_attention(
         # The spike rule needs every query's logit before any probability: a first sweep.
         peaks = torch.stack([logits(a, b).amax(dim=2) for a, b in bounds]).amax(dim=0)
         spikes = spike_mask_from_peaks(peaks, spike_threshold) & spike_rows.view(batch, 1, 1)
-        spike_factor = torch.where(spikes, spike_scale, 1.0).to(acc)
+        # masked_fill writes the Python float straight into acc; torch.where(spikes, spike_scale, 1.0)
+        # would build a float32 tensor first and round 0.3 on the float64 path.
+        spike_factor = torch.ones(spikes.shape, dtype=acc, device=q.device).masked_fill_(spikes, spike_scale)
         multiplier = spike_factor if multiplier is None else multiplier * spike_factor
 
     out = torch.empty((batch, num_queries, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -87,8 +91,7 @@ def torch_cross_attention(
             chunk_logits = chunk_logits * multiplier.unsqueeze(2)
         if token_bias is not None:
             chunk_logits = chunk_logits + token_bias.unsqueeze(2)
-        # Only a -inf bias can mask a whole row; without one the library softmax is exact and faster.
-        probs = torch.softmax(chunk_logits, dim=-1) if token_bias is None else _masked_softmax(chunk_logits)
+        probs = _softmax(chunk_logits)
         if mass is not None:
             mass += probs.sum(dim=2)
         out[:, start:stop] = torch.matmul(probs, values).permute(0, 2, 1, 3).to(q.dtype)

@@ -26,6 +26,10 @@ Determinism: the only atomics are integer arrival counters; float partials are r
 program in a fixed block order, so statistics are bit-identical from run to run. The extra
 memory is O(B * H * Nk * query blocks) floats plus B*H counters.
 
+Non-finite inputs follow :func:`guard_kernels.cross_attention`'s rules, as the PyTorch path does.
+The softmax needs no extra work for them; the statistics' block and cross-block maxima propagate
+NaN explicitly (``tl.max`` alone would drop it), at no cost to the plain path.
+
 Precision: the dots accumulate in fp32 (fp16/bf16 operands use tensor cores on a GPU; fp32
 operands use 3-pass TF32, accurate to about fp32, never plain TF32). The Triton CPU interpreter
 mishandles bf16 arithmetic, so when interpreting, bf16 tiles are upcast to fp32 right after
@@ -39,13 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import MAX_HEAD_DIM, MAX_KEYS
+from .limits import TRITON_DTYPES, tile_limit_error
 from .stats import SPIKE_STD_EPS, AttentionStats
 
 #: tl.dot rejects tile dimensions under 16 on a GPU (the interpreter would silently accept them).
 MIN_BLOCK = 16
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: How the block reductions propagate NaN (see _column_max).
+_COUNT_NANS = tl.constexpr(_INTERPRETING)
 
 #: Allocation hook: every buffer the launcher allocates without initialising goes through it, so
 #: tests can poison them (fill with NaN) and prove that every output element is written.
@@ -147,6 +153,27 @@ def _block_logits(
     return scores * scale
 
 
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _column_max(logits, query_valid, COUNT_NANS: tl.constexpr):
+    """Per-token max over the block's valid queries, NaN wherever one of them is NaN (as torch.amax).
+
+    ``tl.max`` ignores NaN (maxnum on a GPU, nanmax in the interpreter). On a GPU the reduction
+    combines with a NaN-propagating max instead, at the cost of ``tl.max``; the interpreter runs
+    such a custom reduction element by element in Python (~100x slower), so there the NaNs are
+    counted beside ``tl.max``, which on a GPU would cost ~40 registers.
+    """
+    x = tl.where(query_valid[:, None], logits, float("-inf"))
+    if COUNT_NANS:
+        nans = tl.sum((x != x).to(tl.int32), axis=0)
+        return tl.where(nans > 0, float("nan"), tl.max(x, axis=0))
+    return tl.reduce(x, 0, _nan_max)
+
+
 #: Integer arguments are not specialised (on ==1 or divisibility by 16): tile alignment comes
 #: from the constexpr ALIGN instead, so each (dtype, D, Nk tile, flags) compiles exactly once
 #: rather than once per combination of layer sizes.
@@ -213,7 +240,7 @@ def _spike_peaks_kernel(
         stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, scale,
         HEAD_DIM, ALIGN, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
     )  # fmt: skip
-    block_peak = tl.max(tl.where((offs_m < num_queries)[:, None], logits, float("-inf")), axis=0)
+    block_peak = _column_max(logits, offs_m < num_queries, _COUNT_NANS)
     partial_base = peak_partial_ptr + row_head * num_blocks * BLOCK_N
     tl.store(partial_base + block * BLOCK_N + offs_n, block_peak)
 
@@ -221,9 +248,11 @@ def _spike_peaks_kernel(
         tl.debug_barrier()
         peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         for other in range(0, num_blocks):
-            peak = tl.maximum(peak, tl.load(partial_base + other * BLOCK_N + offs_n, cache_modifier=".cg"))
+            partial = tl.load(partial_base + other * BLOCK_N + offs_n, cache_modifier=".cg")
+            peak = tl.maximum(peak, partial, propagate_nan=tl.PropagateNan.ALL)
         # GUARD spike rule (guard_kernels.stats.spike_mask_from_peaks): tokens 1..Nk-1 only,
-        # unbiased std, z > threshold; fewer than two such tokens -> no spikes.
+        # unbiased std, z > threshold; fewer than two such tokens -> no spikes. A NaN or infinite
+        # peak makes the mean, hence every z-score, NaN: nothing is flagged.
         body = (offs_n >= 1) & (offs_n < num_keys)
         count = num_keys * 1.0 - 1.0
         mean = tl.sum(tl.where(body, peak, 0.0), axis=0) / tl.maximum(count, 1.0)
@@ -303,7 +332,7 @@ def _attention_kernel(
         HEAD_DIM, ALIGN, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION,
     )  # fmt: skip
     if STATS:  # raw peaks first, so the unmodulated tile need not stay live
-        block_max = tl.max(tl.where(query_valid[:, None], logits, float("-inf")), axis=0)
+        block_max = _column_max(logits, query_valid, _COUNT_NANS)
 
     # Per-token multiplier token_scale * (spike_scale on spikes), then bias, as in the reference.
     modulated = logits
@@ -326,17 +355,18 @@ def _attention_kernel(
         modulated = modulated + token_bias[None, :]
     modulated = tl.where(key_valid[None, :], modulated, float("-inf"))
 
-    # Softmax whose fully masked rows (all -inf) give zeros rather than NaN. Normalisation is
-    # applied after P V (a BLOCK_M x BLOCK_D scaling instead of BLOCK_M x BLOCK_N); padded query
-    # rows get a zero normaliser, so they add nothing to the token mass.
+    # Softmax whose fully masked rows (all -inf) give zeros rather than NaN, while a NaN or +inf
+    # logit makes its row NaN (as torch.softmax): total is 0 only when every weight is 0, and NaN
+    # when a weight is (the NaN-ignoring row max still leaves exp(NaN) or exp(inf - inf) there).
+    # Normalisation is applied after P V (a BLOCK_M x BLOCK_D scaling instead of BLOCK_M x
+    # BLOCK_N). Padded query rows are never stored and are left out of the token mass.
     row_max = tl.max(modulated, axis=1)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     weights = tl.exp(modulated - row_max[:, None])
     total = tl.sum(weights, axis=1)
-    has_mass = query_valid & (total > 0.0)
-    inv_total = tl.where(has_mass, 1.0 / tl.where(has_mass, total, 1.0), 0.0)
+    inv_total = 1.0 / tl.where(total == 0.0, 1.0, total)
     if STATS:
-        block_mass = tl.sum(weights * inv_total[:, None], axis=0)
+        block_mass = tl.sum(tl.where(query_valid[:, None], weights * inv_total[:, None], 0.0), axis=0)
 
     # P V one chunk of channels at a time.
     weights = weights.to(tl.float32 if UPCAST else v_ptr.dtype.element_ty)
@@ -367,7 +397,8 @@ def _attention_kernel(
             mass = tl.zeros((BLOCK_N,), tl.float32)
             for other in range(0, num_blocks):  # fixed order: deterministic float sums
                 offset = partial_offset + other * BLOCK_N + offs_n
-                peak = tl.maximum(peak, tl.load(max_partial_ptr + offset, cache_modifier=".cg"))
+                partial = tl.load(max_partial_ptr + offset, cache_modifier=".cg")
+                peak = tl.maximum(peak, partial, propagate_nan=tl.PropagateNan.ALL)
                 mass += tl.load(mass_partial_ptr + offset, cache_modifier=".cg")
             stats_offset = row_head * num_keys + offs_n
             tl.store(max_logit_ptr + stats_offset, peak, mask=key_valid)
@@ -411,12 +442,11 @@ def _check_launchable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None
             f"the Triton kernel needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before"
             " guard_kernels.triton_fused is imported"
         )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton kernel, got {q.dtype}")
-    if k.shape[1] > MAX_KEYS:
-        raise ValueError(f"k has Nk={k.shape[1]} keys; the Triton kernel holds at most {MAX_KEYS} in one tile")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"q has head dim D={q.shape[-1]}; the Triton kernel supports D <= {MAX_HEAD_DIM}")
+    too_large = tile_limit_error(q.shape[-1], k.shape[1])
+    if too_large is not None:
+        raise ValueError(too_large)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have unit stride on D, got strides {tuple(t.stride())}")

@@ -44,7 +44,10 @@ def _as_real(value: Any) -> Optional[float]:
     if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):
         return None
     if isinstance(value, numbers.Real):  # int, float, NumPy integer and floating scalars
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range: infinite, refused as such
+            return math.inf if value > 0 else -math.inf
     return None
 
 

@@ -1,4 +1,4 @@
-"""The fused Triton kernel (guard_kernels.triton_fused) against an independent float64 reference.
+"""The fused Triton kernel (guard_kernels.triton_fused) against the float64 reference of guard_kernels.testing.
 
 Runs on the CPU through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), or on a
 GPU when one is present. Every buffer the launcher allocates is poisoned (NaN / True / 1) so an
@@ -22,70 +22,14 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from guard_kernels import cross_attention, triton_fused
+from guard_kernels import cross_attention, limits, triton_fused
+from guard_kernels.testing import error_budget, reference_attention, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def reference_attention(q, k, v, scale, spike_rows, threshold, alpha, token_scale, token_bias):
-    """GUARD cross-attention in float64 with the (Nq x Nk) logits materialised.
-
-    Returns (out, peaks, mass, spikes, z) with z the spike rule's z-scores (NaN where undefined).
-    """
-    q, k, v = (t.double().cpu() for t in (q, k, v))
-    batch, _, heads, _ = q.shape
-    num_keys = k.shape[1]
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    peaks = logits.amax(dim=2)  # (B, H, Nk)
-    spikes = torch.zeros(batch, heads, num_keys, dtype=torch.bool)
-    z = torch.full((batch, heads, num_keys), math.nan, dtype=torch.float64)
-    if spike_rows is not None and num_keys >= 3:
-        body = peaks[..., 1:]
-        n = num_keys - 1
-        mean = body.sum(-1, keepdim=True) / n
-        std = (((body - mean) ** 2).sum(-1, keepdim=True) / (n - 1)).sqrt()
-        z[..., 1:] = (body - mean) / (std + 1e-6)
-        rows = spike_rows.cpu().view(batch, 1, 1)
-        spikes[..., 1:] = (z[..., 1:] > threshold) & rows
-    factor = torch.where(spikes, alpha, 1.0).double()
-    if token_scale is not None:
-        factor = factor * _per_head(token_scale, heads)
-    modulated = logits * factor[:, :, None, :]
-    if token_bias is not None:
-        modulated = modulated + _per_head(token_bias, heads)[:, :, None, :]
-    row_max = modulated.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    weights = torch.exp(modulated - row_max)
-    total = weights.sum(-1, keepdim=True)
-    probs = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out, peaks, probs.sum(dim=2), spikes, z
-
-
-def torch_at_dtype(q, k, v, scale, spikes, alpha, token_scale, token_bias):
-    """The same attention computed eagerly in the inputs' own dtype (the error yardstick)."""
-    q, k, v = (t.cpu() for t in (q, k, v))
-    heads = q.shape[2]
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    factor = torch.where(spikes, alpha, 1.0).to(q.dtype)
-    if token_scale is not None:
-        factor = factor * _per_head(token_scale, heads).to(q.dtype)
-    modulated = logits * factor[:, :, None, :]
-    if token_bias is not None:
-        modulated = modulated + _per_head(token_bias, heads).to(q.dtype)[:, :, None, :]
-    probs = torch.nan_to_num(torch.softmax(modulated, dim=-1), nan=0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def _per_head(token: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, Nk) or (B, H, Nk) -> (B, H, Nk) float64 on the CPU."""
-    token = token.double().cpu()
-    return token[:, None, :].expand(-1, heads, -1) if token.dim() == 2 else token
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -163,7 +107,7 @@ def draw_case(name: str, case: Case, margin: float = 1e-3):
             k[:, nk // 2] *= 2.5
         q, k, v = (t.to(case.dtype) for t in (q, k, v))
         spike_rows = None if case.spike_rows is None else torch.tensor(case.spike_rows)
-        _, _, _, _, z = reference_attention(q, k, v, d**-0.5, spike_rows, case.threshold, 0.3, None, None)
+        z = reference_attention(q, k, v, spike_rows=spike_rows, spike_threshold=case.threshold).z
         if spike_rows is None or nk < 3 or torch.nan_to_num((z - case.threshold).abs(), nan=1.0).min() > margin:
             break
     else:
@@ -220,11 +164,10 @@ def run_kernel(q, k, v, args, return_stats):
     )
 
 
-def max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (both finite), the per-tensor relative error."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
+def finite_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """rel_err, after checking that every element was written (the launcher's buffers start as NaN)."""
     assert torch.isfinite(actual).all(), "non-finite values (a poisoned element was never written?)"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+    return rel_err(actual, expected)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -262,27 +205,25 @@ def test_matches_float64_reference(name, poisoned_allocations):
     out, stats = run_kernel(q, k, v, args, return_stats=True)
     assert len(poisoned_allocations) >= 4, "the poisoning hook was bypassed"
 
-    ref_out, ref_peaks, ref_mass, ref_spikes, _ = reference_attention(
-        q, k, v, args["scale"], spike_rows, case.threshold, 0.3, token_scale, token_bias
-    )
-    same_dtype = torch_at_dtype(q, k, v, args["scale"], ref_spikes, 0.3, token_scale, token_bias)
+    mods = dict(spike_rows=spike_rows, spike_threshold=case.threshold, token_scale=token_scale, token_bias=token_bias)
+    ref = reference_attention(q, k, v, **mods)
+    yardstick = reference_attention(q, k, v, **mods, dtype=case.dtype, spikes=ref.spikes)
 
     assert out.shape == (case.batch, case.num_queries, case.heads, case.head_dim)
     assert out.dtype == case.dtype and out.is_contiguous() and out.device == q.device
-    kernel_err = (out.double().cpu() - ref_out).abs().max().item()
-    torch_err = (same_dtype.double().cpu() - ref_out).abs().max().item()
     assert torch.isfinite(out).all()
-    assert kernel_err <= 2 * torch_err + 1e-5, f"kernel error {kernel_err:.3g} vs torch-at-dtype {torch_err:.3g}"
+    budget = error_budget(out, ref.out, yardstick.out)
+    assert budget.ok, budget
     if case.dtype == torch.float16:
-        assert max_rel(out, ref_out) <= 2e-3
+        assert finite_rel_err(out, ref.out) <= 2e-3
 
     assert stats.spikes.dtype == torch.bool
-    assert torch.equal(stats.spikes.cpu(), ref_spikes)
+    assert torch.equal(stats.spikes, ref.spikes)
     if case.spike_rows is not None and any(case.spike_rows) and case.num_keys >= 6:
-        assert ref_spikes.any(), "the case was meant to contain spikes"
-    for got, want in ((stats.max_logit, ref_peaks), (stats.mass, ref_mass)):
+        assert ref.spikes.any(), "the case was meant to contain spikes"
+    for got, want in ((stats.max_logit, ref.max_logit), (stats.mass, ref.mass)):
         assert got.dtype == torch.float32 and got.shape == (case.batch, case.heads, case.num_keys)
-        assert max_rel(got, want) <= 1e-4
+        assert finite_rel_err(got, want) <= 1e-4
     if case.token_bias == "row":  # a fully masked row: zeros, never NaN
         assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
         assert torch.equal(stats.mass[0].cpu(), torch.zeros_like(stats.mass[0].cpu()))
@@ -312,8 +253,7 @@ def test_plain_path_allocates_only_the_output(poisoned_allocations):
     q, k, v, _, _, _ = draw_case("plain", case)
     out, stats = run_kernel(q, k, v, kernel_args(q, case, None, None, None), return_stats=False)
     assert stats is None and len(poisoned_allocations) == 1 and poisoned_allocations[0] is out
-    ref_out = reference_attention(q, k, v, case.head_dim**-0.5, None, 0.1, 0.3, None, None)[0]
-    assert max_rel(out, ref_out) <= 2e-3
+    assert finite_rel_err(out, reference_attention(q, k, v).out) <= 2e-3
 
 
 @pytest.mark.parametrize(
@@ -335,11 +275,127 @@ def test_public_api_triton_matches_torch_backend(dtype, spike_rows, token_bias):
     assert torch.equal(cross_attention(q, k, v, backend="triton", **{**kwargs, "return_stats": False}), out_t)
 
 
+def non_finite_inputs(dtype):
+    """Inputs with NaN/inf planted where each rule of cross_attention's docstring applies.
+
+    Row 0: a NaN query (head 0, in the second query block) and a NaN key (head 1). Row 1: NaN and
+    +inf in v (head 0), +inf in v at a masked key (head 1). Row 2: +inf and NaN token_bias. Row 3:
+    every key masked. Spike rows everywhere, so both kernels' reductions see the NaNs.
+    """
+    gen = torch.Generator().manual_seed(7)
+    batch, nq, heads, nk, dim = 4, 70, 2, 20, 16
+    q = 0.5 * torch.randn(batch, nq, heads, dim, generator=gen)
+    k = torch.randn(batch, nk, heads, dim, generator=gen)
+    k[:, 2] *= 3.0  # a spike on every (row, head)
+    v = torch.randn(batch, nk, heads, dim, generator=gen)
+    token_bias = 0.1 * torch.randn(batch, heads, nk, generator=gen)
+    clean = tuple(t.to(DEVICE, dtype, copy=True) for t in (q, k, v)) + (token_bias.to(DEVICE, copy=True),)
+    q[0, 66, 0, 3] = math.nan
+    k[0, 7, 1, 2] = math.nan
+    v[1, 4, 0, 5], v[1, 6, 0, 9] = math.nan, math.inf
+    token_bias[1, 1, 3], v[1, 3, 1, 1] = -math.inf, math.inf
+    token_bias[2, 0, 8], token_bias[2, 1, 9] = math.inf, math.nan
+    token_bias[3] = -math.inf
+    planted = tuple(t.to(DEVICE, dtype) for t in (q, k, v)) + (token_bias.to(DEVICE),)
+    return clean, planted
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_inputs_follow_the_documented_rules_on_both_paths(dtype, poisoned_allocations):
+    (q0, k0, v0, bias0), (q, k, v, token_bias) = non_finite_inputs(dtype)
+    rows = torch.ones(4, dtype=torch.bool, device=DEVICE)
+    kwargs = dict(spike_rows=rows, token_bias=token_bias, return_stats=True)
+    out, stats = cross_attention(q, k, v, backend="triton", **kwargs)
+    out_torch, stats_torch = cross_attention(q, k, v, backend="torch", **kwargs)
+    ref = reference_attention(q, k, v, spike_rows=rows, token_bias=token_bias)
+    tol = dict(rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-3, equal_nan=True)
+    torch.testing.assert_close(out.float(), out_torch.float(), **tol)  # NaN and inf in the same places
+    torch.testing.assert_close(out.double(), ref.out, **tol)
+    for got, want, expected in zip(stats, stats_torch, ref[1:4]):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4, equal_nan=True)
+        torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4, equal_nan=True)
+    plain = cross_attention(q, k, v, token_bias=token_bias, backend="triton")  # no statistics, no spike rule
+    assert torch.equal(torch.isnan(plain), torch.isnan(out)) and torch.equal(torch.isinf(plain), torch.isinf(out))
+
+    finite = torch.isfinite
+    clean_spikes = cross_attention(q0, k0, v0, spike_rows=rows, token_bias=bias0, return_stats=True)[1].spikes
+    assert clean_spikes[:2].all(dim=-1).logical_not().all() and clean_spikes[:2].any(dim=-1).all()
+    # Row 0: a NaN raw logit makes its query NaN, its token's max_logit NaN, and the spike rule flag nothing.
+    assert torch.isnan(out[0, 66, 0]).all() and finite(out[0, :66, 0]).all() and finite(out[0, 67:, 0]).all()
+    assert torch.isnan(stats.max_logit[0, 0]).all() and not stats.spikes[0].any()
+    assert torch.isnan(out[0, :, 1]).all() and torch.isnan(stats.max_logit[0, 1, 7])
+    assert finite(stats.max_logit[0, 1, :7]).all() and finite(stats.max_logit[0, 1, 8:]).all()
+    assert torch.isnan(stats.mass[0]).all()
+    # Row 1: v's NaN and inf go through P V; a masked key holding inf gives 0 * inf = NaN.
+    assert torch.isnan(out[1, :, 0, 5]).all() and torch.equal(
+        out[1, :, 0, 9], torch.full_like(out[1, :, 0, 9], math.inf)
+    )
+    assert torch.isnan(out[1, :, 1, 1]).all()
+    assert finite(out[1, :, :, [0, 2, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]]).all() and finite(stats.mass[1]).all()
+    assert torch.equal(stats.spikes[1], clean_spikes[1])
+    # Row 2: a +inf or NaN final logit makes every query of its (row, head) NaN; raw statistics stay finite.
+    assert torch.isnan(out[2]).all() and torch.isnan(stats.mass[2]).all() and finite(stats.max_logit[2]).all()
+    # Row 3: every key masked: zeros.
+    assert torch.equal(out[3], torch.zeros_like(out[3])) and torch.equal(stats.mass[3], torch.zeros_like(stats.mass[3]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_a_minus_inf_logit_masks_its_key_and_padded_queries_add_no_mass(poisoned_allocations):
+    """q > 0 on channel 0 and k = -inf there: key 5 gets -inf logits for every real query, while the
+    zero-padded queries of the last block compute 0 * -inf = NaN, which must stay out of the mass.
+    (float16: a float32 GPU dot splits operands for 3-pass TF32 and would make these logits NaN.)"""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 70, 1, 16, generator=gen)
+    q[..., 0] = q[..., 0].abs() + 0.1
+    k, v = torch.randn(2, 2, 12, 1, 16, generator=gen)
+    k[:, 5, 0, 0] = -math.inf
+    q, k, v = (t.to(DEVICE, torch.float16) for t in (q, k, v))
+    rows = torch.tensor([True, False], device=DEVICE)
+    out, stats = cross_attention(q, k, v, spike_rows=rows, return_stats=True, backend="triton")
+    out_torch, stats_torch = cross_attention(q, k, v, spike_rows=rows, return_stats=True, backend="torch")
+    assert torch.isfinite(out).all() and torch.isfinite(stats.mass).all()
+    assert not stats.mass[:, :, 5].any() and (stats.max_logit[:, :, 5] == -math.inf).all()
+    assert not stats.spikes.any()  # a -inf peak makes row 0's z-scores NaN
+    torch.testing.assert_close(out, out_torch, rtol=0, atol=2e-3)
+    for got, want in zip(stats, stats_torch):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
+
+
+@triton.jit
+def _column_max_probe(x_ptr, valid_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr, COUNT_NANS: tl.constexpr):
+    offs_m, offs_n = tl.arange(0, M), tl.arange(0, N)
+    x = tl.load(x_ptr + offs_m[:, None] * N + offs_n[None, :])
+    valid = tl.load(valid_ptr + offs_m) != 0
+    tl.store(out_ptr + offs_n, triton_fused._column_max(x, valid, COUNT_NANS))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("count_nans", [True, False], ids=["interpreter-variant", "gpu-variant"])
+def test_block_column_max_propagates_nan_like_torch_amax(count_nans):
+    """Both variants of the block reduction (the GPU's runs here through the interpreter, slowly)."""
+    x = torch.randn(16, 16, device=DEVICE)
+    x[3, 1] = x[0, 2] = x[15, 3] = math.nan  # NaN in valid rows: columns 1-3 NaN
+    x[5, 4], x[6, 5], x[6, 6] = math.inf, -math.inf, math.inf
+    x[5, 10], x[6, 10] = math.inf, math.nan  # inf and NaN: NaN
+    x[1, 7] = x[8, 8] = math.nan  # rows 1 and 8 are invalid (padding): ignored
+    x[:, 9] = -math.inf
+    valid = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    valid[[1, 8]] = False
+    out = torch.empty(16, device=DEVICE)
+    _column_max_probe[(1,)](x, valid.to(torch.uint8), out, 16, 16, count_nans)
+    torch.testing.assert_close(out, x[valid].amax(dim=0), rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out[[1, 2, 3, 10]]).all() and torch.isfinite(out[7:9]).all() and out[9] == -math.inf
+
+
 def test_launcher_rejects_what_it_cannot_tile(monkeypatch):
     q = torch.randn(1, 8, 1, 16, device=DEVICE)
-    k = torch.randn(1, triton_fused.MAX_KEYS + 1, 1, 16, device=DEVICE)
+    k = torch.randn(1, limits.MAX_KEYS + 1, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="Nk=257"):
         triton_fused.triton_cross_attention(q, k, k, 0.25, None, 0.1, 0.3, None, None, False)
+    wide = torch.randn(1, 8, 1, limits.MAX_HEAD_DIM + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="D=257"):
+        triton_fused.triton_cross_attention(wide, wide, wide, 0.25, None, 0.1, 0.3, None, None, False)
     small = torch.randn(1, 8, 1, 16, device=DEVICE)
     tiny = triton_fused.KernelConfig(block_m=8, num_warps=4)
     with pytest.raises(ValueError, match="block_m must be >= 16"):
@@ -350,6 +406,20 @@ def test_launcher_rejects_what_it_cannot_tile(monkeypatch):
         monkeypatch.setattr(triton_fused, "_INTERPRETING", False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             triton_fused.triton_cross_attention(q, small, small, 0.25, None, 0.1, 0.3, None, None, False)
+
+
+def test_dispatcher_and_launcher_share_one_limit_rule(monkeypatch):
+    """Shrinking limits.MAX_KEYS moves both refusals at once: neither keeps a copy of the limit."""
+    monkeypatch.setattr(limits, "MAX_KEYS", 16)
+    q = torch.randn(1, 20, 1, 16, device=DEVICE)
+    fits, too_many = (torch.randn(1, n, 1, 16, device=DEVICE) for n in (16, 17))
+    with pytest.raises(ValueError, match=r"Nk <= 16 .*Nk=17; use backend='torch'"):
+        cross_attention(q, too_many, too_many, backend="triton")
+    with pytest.raises(ValueError, match=r"Nk <= 16 .*Nk=17$"):
+        triton_fused.triton_cross_attention(q, too_many, too_many, 0.25, None, 0.1, 0.3, None, None, False)
+    torch.testing.assert_close(
+        cross_attention(q, fits, fits, backend="triton"), cross_attention(q, fits, fits, backend="torch")
+    )
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -448,6 +518,7 @@ def _aot_report(cases):
                     stack=stack,
                     tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
                     scalar_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b16|u16)\s", ptx)),
+                    nan_max=len(re.findall(r"max\.NaN\.f32", ptx)),
                 )
             )
     triton_fused._spike_peaks_kernel, triton_fused._attention_kernel = real
@@ -469,6 +540,8 @@ def test_kernels_compile_for_hopper_without_spills():
         assert entry["stack"] == 0, f"register spills: {entry}"
         assert entry["tensor_cores"], f"no tensor-core dot: {entry}"
         assert entry["scalar_loads"] == 0, f"unvectorised 16-bit loads: {entry}"
+        # Statistics and spike peaks reduce with a NaN-propagating max; the plain path has none.
+        assert (entry["nan_max"] > 0) == entry["case"][-1], f"NaN-propagating max: {entry}"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["aot-report"]:
