@@ -2,9 +2,12 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 
 from guard.config import DEFAULT_BLOCKS, PRESETS, GuardConfig
+from guard_kernels import cross_attention
 
 
 def test_defaults_are_the_published_guard_run():
@@ -101,3 +104,42 @@ def test_bad_configs_raise_clear_errors(kwargs, error, message):
 
 def test_negative_threshold_is_a_valid_z_score():
     assert GuardConfig(spike_threshold=-0.5).spike_threshold == -0.5
+
+
+SCALARS = [
+    (0.3, True),
+    (np.float32(0.3), True),
+    (np.int64(2), True),
+    (np.array(0.25), True),
+    (torch.tensor(0.3), True),
+    (torch.tensor(2), True),
+    (True, False),
+    (np.bool_(True), False),
+    ("0.3", False),
+    (None, False),
+    (torch.tensor([0.3]), False),
+    (float("nan"), False),
+    (float("inf"), False),
+    (-0.1, False),  # a negative scale
+]
+
+
+@pytest.mark.parametrize("value, accepted", SCALARS, ids=repr)
+def test_config_and_kernel_accept_and_refuse_the_same_spike_scales(value, accepted):
+    """One owner per check: GuardConfig and guard_kernels.cross_attention agree value by value."""
+    q = torch.randn(1, 4, 1, 8)
+    k = torch.randn(1, 5, 1, 8)
+    outcomes = []
+    for attempt in (
+        lambda: GuardConfig(spike_scale=value),
+        lambda: cross_attention(q, k, k, spike_rows=torch.tensor([True]), spike_scale=value),
+    ):
+        try:
+            attempt()
+            outcomes.append(None)
+        except (TypeError, ValueError) as error:
+            outcomes.append(type(error))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0] is None) == accepted
+    if accepted:
+        assert GuardConfig(spike_scale=value).spike_scale == float(value)
