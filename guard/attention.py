@@ -1,22 +1,31 @@
-"""GUARD's cross-attention attenuation installed on a diffusers UNet, for the duration of a block.
+"""GUARD's cross-attention on a diffusers UNet, for the duration of a block, safe to share.
 
 Every ``attn2`` (cross-attention) layer gets a :class:`GuardCrossAttnProcessor` that runs the fused
 kernel ``guard_kernels.cross_attention``; in the layers under ``config.blocks`` the spike rule runs
-on the rows marked in ``spike_rows`` (GUARD's positive rows), elsewhere the kernel is plain
-attention. The per-step state (which rows, which thresholds, the running statistics) lives on the
-processors through one shared :class:`AttenuationSession`, never in ``cross_attention_kwargs``:
-diffusers passes those to self-attention too and warns on unknown keys. Optional per-row token
-factors and offsets (the kernel's ``token_scale`` / ``token_bias``) apply in every ``attn2`` layer,
-which is how Ren et al.'s mitigation runs. Self-attention layers are left alone, and the original
-processors come back when the block exits.
+on the session's spike rows (GUARD's attenuated rows), elsewhere the kernel is plain attention.
+Optional per-row token factors and offsets (the kernel's ``token_scale`` / ``token_bias``) apply
+in every ``attn2`` layer, which is how Ren et al.'s mitigation runs. Self-attention layers are
+left alone.
+
+Servers share one UNet between concurrent requests, so nothing of a call lives on the UNet: the
+processors are stateless, and each call's :class:`AttenuationSession` (its rows, thresholds and
+statistics) is found through a context variable, which every thread (and asyncio task) sees on
+its own. A UNet call outside any session, a stock pipeline's in another thread say, runs the
+processors the layers had before. The processors are installed when the first session on a UNet
+opens and the layers' own come back when the last one closes. Reading a context variable and
+the session's attributes is traceable by ``torch.compile`` (no graph break).
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
+import weakref
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from diffusers.models import attention_processor as diffusers_processors
 
 from guard_kernels import cross_attention
@@ -43,9 +52,14 @@ _REPLACEABLE_PROCESSORS = tuple(
 )
 
 CROSS_ATTENTION_SUFFIX = ".attn2"
-
-
 _COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the model; names inside carry this prefix
+
+#: The session of the sampling call running in this thread / task (None outside any).
+_CURRENT_SESSION: contextvars.ContextVar[Optional["AttenuationSession"]] = contextvars.ContextVar(
+    "guard_attention_session", default=None
+)
+
+SpikeRows = Union[torch.Tensor, slice, None]
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -96,45 +110,63 @@ def _token_tensor(name: str, value: Optional[torch.Tensor]) -> Optional[torch.Te
 
 
 class AttenuationSession:
-    """What the installed processors share: the row layout, the spike rule's settings, statistics.
+    """One sampling call's cross-attention: the row layout, the spike rule's settings, statistics.
 
-    ``spike_rows`` is a bool tensor over the UNet batch (True = run the spike rule on that row).
-    Spike statistics accumulate on the device, per attenuated layer, as int32 counts of shape
-    (batch, num_tokens): for each row and token, how many (call, head) pairs flagged it. Reading
-    them is the caller's single host transfer, after the loop.
+    ``spike_rows`` marks the UNet rows that get the spike rule: a 1-D bool tensor over the UNet
+    batch, or a ``slice`` of it (the attenuated branch of GUARD's layout), which lets the PyTorch
+    path run the other rows through the layer's own attention (SDPA) and only the spike rows
+    through the materialising kernel path. Spike statistics accumulate on the device, per
+    attenuated layer, as int32 counts of shape (count rows, num_tokens): for each counted row and
+    token, how many (call, head) pairs flagged it. ``count_index`` maps each UNet row to its count
+    row (default: the row itself), so that a sampler can change the batch's layout between calls
+    and keep counting per image. Reading them is the caller's single host transfer, after the loop.
+
+    ``mass_rows`` (a slice, usually None) asks for the per-token attention mass of those rows
+    in the attenuated layers: per layer, (rows, num_tokens) float32, the head- and query-averaged
+    attention each token received, accumulated over calls (the input of Ren et al.'s entropy).
     """
 
     def __init__(
         self,
         config: GuardConfig,
-        spike_rows: Optional[torch.Tensor],
-        layer_names: tuple[str, ...],
+        spike_rows: SpikeRows,
+        layer_heads: dict[str, int],
         attenuated_layers: tuple[str, ...],
         collect_stats: bool,
         backend: str,
+        installation: Optional["_Installation"] = None,
     ) -> None:
         self.config = config
-        self.layer_names = layer_names
+        self.layer_names = tuple(layer_heads)
+        self.heads = dict(layer_heads)
         self.attenuated_layers = attenuated_layers
+        self._attenuated = frozenset(attenuated_layers)
         self.collect_stats = collect_stats
         self.backend = backend
-        self.heads: dict[str, int] = {}
+        self.installation = installation
         self._counts: dict[str, torch.Tensor] = {}
-        self._calls: dict[str, int] = {name: 0 for name in attenuated_layers}
-        self._spike_rows: Optional[torch.Tensor] = None
+        self._mass: dict[str, torch.Tensor] = {}
+        self._spike_rows: SpikeRows = None
         self.spike_rows = spike_rows
+        self.count_index: Optional[torch.Tensor] = None
+        self.mass_rows: Optional[slice] = None
         self._token_scale: Optional[torch.Tensor] = None
         self._token_bias: Optional[torch.Tensor] = None
 
     @property
-    def spike_rows(self) -> Optional[torch.Tensor]:
+    def spike_rows(self) -> SpikeRows:
         return self._spike_rows
 
     @spike_rows.setter
-    def spike_rows(self, rows: Optional[torch.Tensor]) -> None:
+    def spike_rows(self, rows: SpikeRows) -> None:
         """Change the row layout (e.g. between sampler phases); statistics are kept."""
-        if rows is not None and (not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool or rows.dim() != 1):
-            raise TypeError(f"spike_rows must be None or a 1-D bool tensor over the UNet batch, got {_describe(rows)}")
+        is_mask = isinstance(rows, torch.Tensor) and rows.dtype == torch.bool and rows.dim() == 1
+        is_slice = isinstance(rows, slice) and rows.step in (None, 1)
+        if rows is not None and not (is_mask or is_slice):
+            raise TypeError(
+                "spike_rows must be None, a 1-D bool tensor over the UNet batch or a slice of it, "
+                f"got {_describe(rows)}"
+            )
         self._spike_rows = rows
 
     @property
@@ -155,58 +187,75 @@ class AttenuationSession:
     def token_bias(self, value: Optional[torch.Tensor]) -> None:
         self._token_bias = _token_tensor("token_bias", value)
 
-    @property
-    def calls(self) -> dict[str, int]:
-        """Per attenuated layer: how many UNet calls ran the spike rule there."""
-        return dict(self._calls)
+    def attenuates(self, layer: str) -> bool:
+        return self._spike_rows is not None and layer in self._attenuated
 
     def spike_counts(self) -> dict[str, torch.Tensor]:
-        """Per attenuated layer that has run: (batch, num_tokens) int32 device tensor of flag counts."""
+        """Per attenuated layer that has run: (count rows, num_tokens) int32 device tensor of flag counts."""
         return dict(self._counts)
+
+    def attention_mass(self) -> dict[str, torch.Tensor]:
+        """Per attenuated layer that ran with ``mass_rows`` set: (rows, num_tokens) float32 device tensor."""
+        return dict(self._mass)
+
+    def prepare_counts(self, count_rows: int, num_tokens: int, device) -> None:
+        """Allocate the count buffers before the first call (a compiled UNet then traces one graph)."""
+        for layer in self.attenuated_layers:
+            self._counts[layer] = torch.zeros(count_rows, num_tokens, dtype=torch.int32, device=device)
 
     def reset_statistics(self) -> None:
         self._counts.clear()
-        self._calls = {name: 0 for name in self.attenuated_layers}
+        self._mass.clear()
 
-    def _record(self, layer: str, spikes: torch.Tensor) -> None:
-        per_token = spikes.sum(dim=1, dtype=torch.int32)  # (B, Nk): summed over heads
+    def reset_mass(self) -> None:
+        self._mass.clear()
+
+    def _record(self, layer: str, spikes: torch.Tensor, rows: Optional[slice] = None) -> None:
+        """Add one call's spike flags, (B', H, Nk) for the UNet rows ``rows`` (all rows for None)."""
+        per_token = spikes.sum(dim=1, dtype=torch.int32)  # (B', Nk): summed over heads
+        index = self.count_index
+        if index is not None and rows is not None:
+            index = index[rows]
         counts = self._counts.get(layer)
         if counts is None:
-            self._counts[layer] = per_token
-        elif counts.shape != per_token.shape:
-            raise ValueError(
-                f"layer {layer} saw a batch of shape {tuple(per_token.shape)} after {tuple(counts.shape)};"
-                " call reset_statistics() before changing the UNet batch size"
-            )
-        else:
+            if index is not None:
+                raise ValueError("count_index is set: call prepare_counts() before the first UNet call")
+            counts = self._counts[layer] = torch.zeros_like(per_token)
+        if index is None:
+            if counts.shape != per_token.shape:
+                raise ValueError(
+                    f"layer {layer} saw a batch of shape {tuple(per_token.shape)} after {tuple(counts.shape)};"
+                    " set count_index or call reset_statistics() before changing the UNet batch size"
+                )
             counts.add_(per_token)
-        self._calls[layer] += 1
+        else:
+            counts.index_add_(0, index, per_token)
+
+    def _record_mass(self, layer: str, mass: torch.Tensor, num_queries: int) -> None:
+        per_token = mass.float().mean(dim=1) / num_queries  # (rows, Nk): head- and query-averaged attention
+        previous = self._mass.get(layer)
+        self._mass[layer] = per_token if previous is None else previous + per_token
 
 
 class GuardCrossAttnProcessor:
-    """Cross-attention through ``guard_kernels.cross_attention``, spike rule on the session's rows.
+    """Cross-attention through ``guard_kernels.cross_attention``, as the current session asks.
 
     Handles what ``AttnProcessor2_0`` handles for Stable Diffusion: 3-D and 4-D hidden states,
     ``spatial_norm``, ``group_norm``, ``norm_cross``, ``norm_q``/``norm_k``, an encoder attention
     mask (an additive or boolean per-token mask, passed as the kernel's ``token_bias``),
-    ``residual_connection`` and ``rescale_output_factor``. Called as self-attention (no encoder
-    states) it defers to the processor it replaced.
+    ``residual_connection`` and ``rescale_output_factor``. Outside a session of its own UNet, or
+    called as self-attention (no encoder states), it defers to the processor it replaced.
     """
 
-    def __init__(self, name: str, attenuate: bool, session: AttenuationSession, original) -> None:
+    def __init__(self, name: str, original, installation: "_Installation") -> None:
         self.name = name
-        self.attenuate = attenuate
-        self.session = session
         self.original = original
+        self.installation = installation
 
-    def _defers_to_original(self, hidden_states: torch.Tensor) -> bool:
-        """Plain attention that would take the PyTorch path anyway: the replaced processor (SDPA)
-        computes the same thing faster on the CPU."""
-        session = self.session
-        plain = (not self.attenuate or session.spike_rows is None) and session.token_scale is None
-        plain = plain and session.token_bias is None
-        torch_path = session.backend == "torch" or (session.backend == "auto" and not hidden_states.is_cuda)
-        return plain and torch_path
+    def _defer(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs):
+        if temb is not None:
+            kwargs["temb"] = temb
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
     def _mask_bias(self, attn, attention_mask, batch: int, num_keys: int) -> Optional[torch.Tensor]:
         if attention_mask is None:
@@ -233,10 +282,15 @@ class GuardCrossAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        if encoder_hidden_states is None or self._defers_to_original(hidden_states):
-            if temb is not None:
-                kwargs["temb"] = temb
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        session = _CURRENT_SESSION.get()
+        if encoder_hidden_states is None or session is None or session.installation is not self.installation:
+            return self._defer(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
+        attenuate = session.attenuates(self.name)
+        modulated = session.token_scale is not None or session.token_bias is not None
+        torch_path = session.backend == "torch" or (session.backend == "auto" and not hidden_states.is_cuda)
+        if not attenuate and not modulated and torch_path:
+            # Plain attention on the PyTorch path: the replaced processor (SDPA) is the same maths, faster.
+            return self._defer(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -267,39 +321,15 @@ class GuardCrossAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        session = self.session
-        spike_rows = session.spike_rows if self.attenuate else None
-        for label, rows in (("spike_rows", spike_rows), ("token_scale", session.token_scale),
-                            ("token_bias", session.token_bias)):  # fmt: skip
-            if rows is not None and rows.shape[0] != batch:
-                raise ValueError(
-                    f"{self.name}: {label} covers {rows.shape[0]} rows but the UNet batch has {batch};"
-                    f" {label} must cover every row of the UNet batch"
-                )
+        spike_rows = session.spike_rows if attenuate else None
+        self._check_rows(session, spike_rows, batch)
         if session.token_bias is not None:
             extra = session.token_bias.float()
             token_bias = extra if token_bias is None else token_bias + extra.unsqueeze(1)
-        config = session.config
-        want_stats = spike_rows is not None and session.collect_stats
-        result = cross_attention(
-            query,
-            key,
-            value,
-            scale=attn.scale,
-            spike_rows=spike_rows,
-            spike_threshold=config.spike_threshold,
-            spike_scale=config.spike_scale,
-            token_scale=session.token_scale,
-            token_bias=token_bias,
-            return_stats=want_stats,
-            backend=session.backend,
-        )
-        if want_stats:
-            hidden_states, stats = result
-            session._record(self.name, stats.spikes)
+        if isinstance(spike_rows, slice) and torch_path and not modulated and token_bias is None:
+            hidden_states = self._split_rows(session, attn, query, key, value, spike_rows)
         else:
-            hidden_states = result
-        session.heads[self.name] = heads
+            hidden_states = self._fused(session, attn, query, key, value, spike_rows, token_bias)
 
         hidden_states = hidden_states.reshape(batch, -1, heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -310,11 +340,135 @@ class GuardCrossAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _check_rows(self, session: AttenuationSession, spike_rows: SpikeRows, batch: int) -> None:
+        if isinstance(spike_rows, slice):
+            if spike_rows.stop is not None and spike_rows.stop > batch:
+                raise ValueError(f"{self.name}: spike_rows {spike_rows} reaches beyond the UNet batch of {batch} rows")
+            return
+        for label, rows in (
+            ("spike_rows", spike_rows),
+            ("token_scale", session.token_scale),
+            ("token_bias", session.token_bias),
+        ):
+            if rows is not None and rows.shape[0] != batch:
+                raise ValueError(
+                    f"{self.name}: {label} covers {rows.shape[0]} rows but the UNet batch has {batch};"
+                    f" {label} must cover every row of the UNet batch"
+                )
+
+    def _kernel(self, session, attn, query, key, value, spike_rows, token_bias, *, stats: bool):
+        config = session.config
+        return cross_attention(
+            query,
+            key,
+            value,
+            scale=attn.scale,
+            spike_rows=spike_rows,
+            spike_threshold=config.spike_threshold,
+            spike_scale=config.spike_scale,
+            token_scale=session.token_scale,
+            token_bias=token_bias,
+            return_stats=stats,
+            backend=session.backend,
+        )
+
+    def _fused(self, session, attn, query, key, value, spike_rows, token_bias) -> torch.Tensor:
+        """Every row in one kernel call (the Triton kernel on a GPU; masks, token modulation)."""
+        if isinstance(spike_rows, slice):
+            mask = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
+            mask[spike_rows] = True
+            spike_rows = mask
+        counting = spike_rows is not None and session.collect_stats
+        mass_rows = session.mass_rows if spike_rows is not None else None
+        if not (counting or mass_rows is not None):
+            return self._kernel(session, attn, query, key, value, spike_rows, token_bias, stats=False)
+        out, stats = self._kernel(session, attn, query, key, value, spike_rows, token_bias, stats=True)
+        if counting:
+            session._record(self.name, stats.spikes)
+        if mass_rows is not None:
+            session._record_mass(self.name, stats.mass[mass_rows], query.shape[1])
+        return out
+
+    def _split_rows(self, session, attn, query, key, value, spike_rows: slice) -> torch.Tensor:
+        """The PyTorch path with the spike rows a contiguous slice: those rows through the kernel's
+        materialising path, every other row through SDPA (the cost of plain attention), and
+        statistics only where they are used."""
+        batch = query.shape[0]
+        start, stop, _ = spike_rows.indices(batch)
+        out = torch.empty_like(query)
+        if stop > start:
+            rows = slice(start, stop)
+            every = torch.ones(stop - start, dtype=torch.bool, device=query.device)
+            result = self._kernel(
+                session, attn, query[rows], key[rows], value[rows], every, None, stats=session.collect_stats
+            )
+            if session.collect_stats:
+                result, stats = result
+                session._record(self.name, stats.spikes, rows)
+            out[rows] = result
+        mass = None if session.mass_rows is None else range(*session.mass_rows.indices(batch))
+        for first, last in ((0, start), (stop, batch)):
+            if last <= first:
+                continue
+            plain = slice(first, last)
+            if mass is not None and first <= mass.start and mass.stop <= last:  # the rows the detector reads
+                out[plain], stats = self._kernel(
+                    session, attn, query[plain], key[plain], value[plain], None, None, stats=True
+                )
+                session._record_mass(self.name, stats.mass[mass.start - first : mass.stop - first], query.shape[1])
+            else:
+                q, k, v = (t[plain].transpose(1, 2) for t in (query, key, value))
+                out[plain] = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
+        return out
+
+
+class _Installation:
+    """GUARD's processors on one UNet while any session on it is open (reference-counted)."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.originals: dict[str, object] = {}
+
+
+_INSTALL_LOCK = threading.Lock()
+_INSTALLATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, _Installation]" = weakref.WeakKeyDictionary()
+
+
+def _open(unet: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> _Installation:
+    """Install the processors if no session on this UNet is open yet; count this session in."""
+    with _INSTALL_LOCK:
+        installation = _INSTALLATIONS.get(unet)
+        if installation is None:
+            installation = _INSTALLATIONS[unet] = _Installation()
+        if installation.sessions == 0:
+            for name, module in layers.items():
+                if not isinstance(module.processor, _REPLACEABLE_PROCESSORS):
+                    raise ValueError(
+                        f"{name} uses {type(module.processor).__name__}, which GUARD cannot replace without changing"
+                        " the model (it carries extra weights or inputs); supported: "
+                        + ", ".join(cls.__name__ for cls in _REPLACEABLE_PROCESSORS)
+                    )
+            installation.originals = {name: module.processor for name, module in layers.items()}
+            for name, module in layers.items():
+                module.set_processor(GuardCrossAttnProcessor(name, installation.originals[name], installation))
+        installation.sessions += 1
+        return installation
+
+
+def _close(unet: torch.nn.Module, layers: dict[str, torch.nn.Module], installation: _Installation) -> None:
+    """Count this session out; the last one to leave puts the layers' own processors back."""
+    with _INSTALL_LOCK:
+        installation.sessions -= 1
+        if installation.sessions == 0:
+            for name, module in layers.items():
+                module.set_processor(installation.originals[name])
+            installation.originals = {}
+
 
 @contextmanager
 def attenuate_cross_attention(
     unet: torch.nn.Module,
-    spike_rows: Optional[torch.Tensor],
+    spike_rows: SpikeRows,
     config: GuardConfig,
     *,
     collect_stats: bool = True,
@@ -322,14 +476,14 @@ def attenuate_cross_attention(
     token_scale: Optional[torch.Tensor] = None,
     token_bias: Optional[torch.Tensor] = None,
 ) -> Iterator[AttenuationSession]:
-    """Install GUARD's cross-attention on every ``attn2`` layer of ``unet`` for a ``with`` block.
+    """GUARD's cross-attention on every ``attn2`` layer of ``unet`` for UNet calls inside a ``with`` block.
 
     Args:
         unet: a diffusers ``UNet2DConditionModel`` (or any model whose cross-attention modules are
             diffusers ``Attention`` layers named ``...attn2``).
-        spike_rows: bool tensor over the UNet batch: rows that get the spike rule (GUARD's
-            positive rows), or None for plain fused attention everywhere (then no layer is
-            attenuated and ``config.blocks`` is not checked). Changeable later via
+        spike_rows: the UNet rows that get the spike rule (GUARD's attenuated rows): a bool tensor
+            over the UNet batch or a slice of it; None for plain fused attention everywhere (then
+            no layer is attenuated and ``config.blocks`` is not checked). Changeable later via
             ``session.spike_rows`` within the layers chosen here.
         config: supplies ``blocks``, ``spike_threshold`` and ``spike_scale``.
         collect_stats: accumulate per-token spike counts on the device.
@@ -338,8 +492,9 @@ def attenuate_cross_attention(
             logits in every ``attn2`` layer (``l * token_scale + token_bias``; -inf masks a token),
             e.g. for Ren et al.'s mitigation. Changeable later on the session.
 
-    Yields the :class:`AttenuationSession`; the original processors are restored on exit, also on
-    an exception.
+    Yields the :class:`AttenuationSession`, which only UNet calls in this thread (or asyncio task)
+    see, so several sessions may run on one UNet at once. The layers' own processors come back when
+    the last open session on the UNet exits, also on an exception.
     """
     if not isinstance(config, GuardConfig):
         raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
@@ -348,24 +503,18 @@ def attenuate_cross_attention(
     layers = cross_attention_layers(unet)
     if not layers:
         raise ValueError(f"{type(unet).__name__} has no cross-attention (attn2) Attention modules to attenuate")
-    for name, module in layers.items():
-        if not isinstance(module.processor, _REPLACEABLE_PROCESSORS + (GuardCrossAttnProcessor,)):
-            raise ValueError(
-                f"{name} uses {type(module.processor).__name__}, which GUARD cannot replace without changing the"
-                " model (it carries extra weights or inputs); supported: "
-                + ", ".join(cls.__name__ for cls in _REPLACEABLE_PROCESSORS)
-            )
     # Without spike rows nothing is attenuated, so config.blocks need not match this UNet (e.g. Ren et
     # al.'s token modulation, which acts on every layer).
     attenuated = select_attenuated_layers(layers, config.blocks) if spike_rows is not None else ()
-    session = AttenuationSession(config, spike_rows, tuple(layers), attenuated, collect_stats, backend)
+    heads = {name: module.heads for name, module in layers.items()}
+    session = AttenuationSession(config, spike_rows, heads, attenuated, collect_stats, backend)
     session.token_scale = token_scale
     session.token_bias = token_bias
-    originals = {name: module.processor for name, module in layers.items()}
+    installation = _open(unet, layers)
+    session.installation = installation
+    token = _CURRENT_SESSION.set(session)
     try:
-        for name, module in layers.items():
-            module.set_processor(GuardCrossAttnProcessor(name, name in attenuated, session, originals[name]))
         yield session
     finally:
-        for name, module in layers.items():
-            module.set_processor(originals[name])
+        _CURRENT_SESSION.reset(token)
+        _close(unet, layers, installation)

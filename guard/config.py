@@ -17,6 +17,8 @@ from guard_kernels.validation import real_number
 
 METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli")
 SCHEDULES = ("cosine", "linear", "sine", "constant")
+#: Memorization scores the gate can decide on (guard.detection has their definitions).
+DETECTORS = ("cosine", "wen", "entropy")
 DEFAULT_BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block")
 
 #: Number of UNet row groups each method runs per step (unconditional, attenuated, plain prompt).
@@ -54,12 +56,14 @@ class GuardConfig:
     orthogonalize, ortho_cos_threshold, ortho_coef_clip: the released code's optional removal of
         the repulsion direction from the attraction direction (in the authors' released code, off in
         the paper's runs).
-    gate_threshold: the memorization gate's threshold, "guard" only, off (None) by default and not
-        part of the paper. At the first step, an image whose attenuated and plain-prompt guidance
-        directions agree above this cosine (attenuating its spike tokens barely moves the
-        prediction, so nothing in the prompt dominates it) is cleared: guided by plain
-        classifier-free guidance for the whole run; the others get GUARD. It costs no UNet call:
-        both predictions are GUARD's own branches. See :func:`guard.guidance.memorization_gate`.
+    gate_threshold, gate_detector, gate_steps: the memorization gate, "guard" only, off (None) by
+        default and not part of the paper. After the first ``gate_steps`` UNet calls, an image
+        whose memorization score (``gate_detector``, see :mod:`guard.detection`: "cosine",
+        between GUARD's attenuated and plain-prompt guidance, cleared above the threshold; "wen",
+        the text-conditional noise norm, or "entropy", Ren et al.'s cross-attention entropy,
+        cleared below it) says it is not memorized is cleared: guided by plain classifier-free
+        guidance from then on, on its unconditional and plain rows only (CFG's cost); the others
+        keep GUARD's three rows. The scores come from GUARD's own branches: no extra UNet call.
     bos_scale: "ren" only, the BOS logit factor c1 on the conditional rows.
     transition_timestep, early_guidance_scale: "jain" only; the early scale enters the same
         formula ``eps_u + scale * (eps_c - eps_u)`` as ``guidance_scale``, so 1.0 means no
@@ -78,6 +82,8 @@ class GuardConfig:
     ortho_cos_threshold: float = 0.9
     ortho_coef_clip: float = 2.0
     gate_threshold: Optional[float] = None
+    gate_detector: str = "cosine"
+    gate_steps: int = 1
     bos_scale: float = 1.25
     transition_timestep: float = 500.0
     early_guidance_scale: float = 1.0
@@ -105,9 +111,16 @@ class GuardConfig:
         # Negative is Jain et al.'s "opposite guidance".
         set_(self, "early_guidance_scale", _real("early_guidance_scale", self.early_guidance_scale, minimum=None))
         set_(self, "embedding_noise_scale", _real("embedding_noise_scale", self.embedding_noise_scale))
+        if self.gate_detector not in DETECTORS:
+            raise ValueError(f"GuardConfig.gate_detector must be one of {DETECTORS}, got {self.gate_detector!r}")
+        if isinstance(self.gate_steps, bool) or not isinstance(self.gate_steps, int) or self.gate_steps < 1:
+            raise ValueError(f"GuardConfig.gate_steps must be a positive integer, got {self.gate_steps!r}")
+        if self.gate_threshold is None and (self.gate_detector != "cosine" or self.gate_steps != 1):
+            raise ValueError("GuardConfig.gate_detector and gate_steps choose how the gate decides: set gate_threshold")
         if self.gate_threshold is not None:
-            gate = _real("gate_threshold", self.gate_threshold, minimum=-1.0)
-            if gate > 1.0:
+            cosine = self.gate_detector == "cosine"
+            gate = _real("gate_threshold", self.gate_threshold, minimum=-1.0 if cosine else 0.0)
+            if cosine and gate > 1.0:
                 raise ValueError(f"GuardConfig.gate_threshold must be in [-1, 1] or None, got {gate}")
             if self.method != "guard":
                 raise ValueError(

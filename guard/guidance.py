@@ -120,24 +120,32 @@ def _orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor, config: GuardConfig
     return v_pos - shift.view(shape) * v_neg, cosine
 
 
+def guidance_cosine(eps_u: torch.Tensor, eps_pos: torch.Tensor, eps_neg: torch.Tensor) -> torch.Tensor:
+    """Per image, the cosine between the attenuated and the plain-prompt guidance directions.
+
+    Near 1 when attenuating the spike tokens barely moves the prediction (nothing in the prompt
+    dominates it); lower for a memorized prompt. float32 (float64 for float64 inputs).
+    """
+    _check_predictions(eps_u=eps_u, eps_pos=eps_pos, eps_neg=eps_neg)
+    base = _upcast(eps_u)
+    return _alignment(_upcast(eps_pos) - base, _upcast(eps_neg) - base)[1]
+
+
 def memorization_gate(
     eps_u: torch.Tensor, eps_pos: torch.Tensor, eps_neg: torch.Tensor, config: GuardConfig
 ) -> torch.Tensor:
-    """Per image, True where the memorization gate clears it (``config.gate_threshold``; no host sync).
+    """Per image, True where the cosine memorization gate clears it (no host sync).
 
     An image is cleared (judged not memorized, and guided by plain CFG) when its attenuated and
-    plain-prompt guidance directions agree above the threshold: attenuating its spike tokens
-    barely moved the prediction. Call it on the first step's predictions and pass the result to
-    every step as ``cleared``.
+    plain-prompt guidance directions agree above ``config.gate_threshold``: attenuating its
+    spike tokens barely moved the prediction. Call it on the first step's predictions and pass
+    the result to every step as ``cleared``. The other detectors are in :mod:`guard.detection`.
     """
     if not isinstance(config, GuardConfig):
         raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")
-    if config.gate_threshold is None:
-        raise ValueError("memorization_gate needs a config with gate_threshold set")
-    _check_predictions(eps_u=eps_u, eps_pos=eps_pos, eps_neg=eps_neg)
-    base = _upcast(eps_u)
-    cosine = _alignment(_upcast(eps_pos) - base, _upcast(eps_neg) - base)[1]
-    return cosine > config.gate_threshold
+    if config.gate_threshold is None or config.gate_detector != "cosine":
+        raise ValueError("memorization_gate needs a config with gate_threshold set and gate_detector 'cosine'")
+    return guidance_cosine(eps_u, eps_pos, eps_neg) > config.gate_threshold
 
 
 def guard_guidance(

@@ -92,6 +92,46 @@ def check_latents(latents: Optional[torch.Tensor], rows: int, channels: int, hei
         )
 
 
+class _CallbackEmbeddings:
+    """What ``callback_on_step_end`` sees of the conditioning, laid out as the parent pipeline lays
+    it out under classifier-free guidance: ``prompt_embeds`` is ``cat([negative, positive])`` and
+    ``negative_prompt_embeds`` the negative rows; a callback that returns a tensor of the same
+    shape changes the branches from the next UNet call on."""
+
+    def __init__(self, denoiser: GuardDenoiser) -> None:
+        self.denoiser = denoiser
+
+    def _branches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        negative, positive = self.denoiser.conditioning
+        return negative["encoder_hidden_states"], positive["encoder_hidden_states"]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        negative, positive = self._branches()
+        return {"prompt_embeds": torch.cat([negative, positive]), "negative_prompt_embeds": negative}
+
+    def update(self, outputs: dict[str, torch.Tensor]) -> None:
+        negative, positive = self._branches()
+        if "prompt_embeds" in outputs:
+            value = outputs["prompt_embeds"]
+            expected = (2 * positive.shape[0],) + tuple(positive.shape[1:])
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"callback_on_step_end returned prompt_embeds of shape {tuple(value.shape)}; GUARD takes "
+                    f"cat([negative, positive]) of shape {expected}, as the parent pipeline lays it out"
+                )
+            negative, positive = value.chunk(2)
+        if "negative_prompt_embeds" in outputs:
+            value = outputs["negative_prompt_embeds"]
+            if value.shape != negative.shape:
+                raise ValueError(
+                    f"callback_on_step_end returned negative_prompt_embeds of shape {tuple(value.shape)},"
+                    f" expected {tuple(negative.shape)}"
+                )
+            negative = value
+        if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
+            self.denoiser.set_conditioning({"encoder_hidden_states": negative}, {"encoder_hidden_states": positive})
+
+
 class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
     """Stable Diffusion (1.x / 2.x, epsilon or v-prediction) sampled with GUARD.
 
@@ -126,6 +166,7 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         callback_on_step_end_tensor_inputs: Optional[list[str]] = None,
         guard_config: Union[GuardConfig, str, None] = None,
         attention_backend: str = "auto",
+        detection_steps: int = 1,
     ):
         """Generate images with GUARD, its attenuation-only variant, plain CFG or a related method.
 
@@ -138,6 +179,9 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
             the unconditional branch always runs (GUARD needs it at any scale).
         attention_backend: kernel backend for the attenuated cross-attention ("auto", "triton",
             "torch").
+        detection_steps: how many first UNet calls the memorization scores on the report
+            (``report.detection``, see :mod:`guard.detection`) average over; the gate's own
+            ``gate_steps`` when that is longer.
 
         Returns :class:`GuardPipelineOutput` (images, nsfw_content_detected, report), or the tuple
         ``(images, nsfw_content_detected, report)`` with ``return_dict=False``. The guidance
@@ -146,6 +190,7 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         # 1. Check everything before any work.
         config = resolve_config(guard_config, guidance_scale)
         _positive_int("num_images_per_prompt", num_images_per_prompt)
+        _positive_int("detection_steps", detection_steps)
         if timesteps is None and sigmas is None:
             _positive_int("num_inference_steps", num_inference_steps)
         if output_type not in OUTPUT_TYPES:
@@ -199,34 +244,34 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         if config.method == "somepalli":  # drawn after the latents, so that a seed gives the same latents
             noise = randn_tensor(prompt_embeds.shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
             prompt_embeds = prompt_embeds + config.embedding_noise_scale * noise
-        # Row groups: unconditional, attenuated prompt, (GUARD only) plain prompt; the same latents.
-        unet_inputs = {
-            "encoder_hidden_states": torch.cat([negative_prompt_embeds] + [prompt_embeds] * (config.branches - 1))
-        }
         self._num_timesteps = len(timesteps)
 
-        # 3. The denoising loop.
-        denoiser = GuardDenoiser(config, num_inference_steps, self.scheduler.order)
+        # 3. The denoising loop: the branches' conditioning, packed by the denoiser for each call.
         attention = self._guard_attention(
             config, prompt, num_images_per_prompt, rows, num_keys, device, attention_backend
         )
         with attention as session:
+            denoiser = GuardDenoiser(
+                config,
+                num_inference_steps,
+                self.scheduler.order,
+                images=rows,
+                session=session,
+                detection_steps=detection_steps,
+            )
+            denoiser.set_conditioning(
+                {"encoder_hidden_states": negative_prompt_embeds}, {"encoder_hidden_states": prompt_embeds}
+            )
             latents = self._guard_denoise(
                 denoiser,
                 latents,
                 timesteps,
                 num_inference_steps,
-                unet_inputs,
                 extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
                 cross_attention_kwargs=cross_attention_kwargs,
                 callback_on_step_end=callback_on_step_end,
                 callback_tensor_inputs=callback_on_step_end_tensor_inputs,
-                # The UNet's stacked branch embeddings, as before the loop: a callback may replace them.
-                callback_tensors={
-                    "prompt_embeds": lambda: unet_inputs["encoder_hidden_states"],
-                    "negative_prompt_embeds": lambda: negative_prompt_embeds,
-                },
-                callback_updates={"prompt_embeds": lambda value: unet_inputs.update(encoder_hidden_states=value)},
+                callback_embeddings=_CallbackEmbeddings(denoiser),
             )
 
         # 4. The report (the run's one host transfer of its records), then decoding.

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import GuardConfig
+from .detection import DetectionScores
 
 #: Label of text positions after the prompt's first EOS (padding, whatever token id pads).
 PAD_LABEL = "<pad>"
@@ -58,6 +59,7 @@ class GuardReport:
         no repulsion, cosine NaN).
     cleared: (prompts, images) bool, the images the memorization gate (``GuardConfig.gate_threshold``)
         cleared, judged not memorized and guided by plain CFG; None when the gate is off.
+    detection: the memorization scores of the first step(s) (:class:`guard.detection.DetectionScores`).
     """
 
     config: GuardConfig
@@ -73,6 +75,7 @@ class GuardReport:
     repulsion_norms: torch.Tensor
     cosines: torch.Tensor
     cleared: Optional[torch.Tensor] = None
+    detection: Optional[DetectionScores] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -154,6 +157,7 @@ class GuardReport:
             "flagged_layers": self.flagged_layers,
             "repulsion_weights": list(self.repulsion_weights),
             "cleared": None if self.cleared is None else self.cleared.tolist(),
+            "detection": None if self.detection is None else self.detection.to_dict(),
             # per step and prompt, the mean over the images GUARD guided (None where the gate cleared all)
             "guidance_norms": {
                 name: [[_finite_or_none(x) for x in step] for step in self._guided_mean(values, (2,)).tolist()]

@@ -19,31 +19,100 @@ from typing import Any, Callable, Optional
 import torch
 from diffusers.loaders import TextualInversionLoaderMixin
 
-from .attention import attenuate_cross_attention
+from .attention import AttenuationSession, attenuate_cross_attention
 from .config import GuardConfig
-from .guidance import combine_predictions, memorization_gate, repulsion_weight
+from .detection import ScoreAccumulator, attention_entropy, is_cleared, wen_score
+from .guidance import combine_predictions, guard_guidance, guidance_cosine, repulsion_weight
 from .report import GuardReport, position_labels, token_labels
 
 
-class GuardDenoiser:
-    """One run's GUARD steps: branch inputs, one UNet call, the gate, the guidance, the scheduler step.
+def _stack(parts: list):
+    """Concatenate branch conditionings along the batch: tensors, or dicts of them (SDXL's added kwargs)."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {key: _stack([part[key] for part in parts]) for key in first}
+    return torch.cat(parts)
 
-    It keeps what the run accumulates on the device: the memorization gate's decision (made on
-    the first UNet call when ``config.gate_threshold`` is set) and each call's guidance norms.
-    ``total_steps`` is the number of inference steps; second-order schedulers (Heun, KDPM2) make
-    ``order`` UNet calls per step, and every call of a step uses that step's schedule weight.
+
+def _take(value, index: torch.Tensor):
+    """The rows ``index`` of a conditioning (tensor, or dict of them)."""
+    if isinstance(value, dict):
+        return {key: _take(item, index) for key, item in value.items()}
+    return value.index_select(0, index)
+
+
+class GuardDenoiser:
+    """One run's GUARD steps: branch inputs, one UNet call, detection and the gate, the guidance,
+    the scheduler step.
+
+    It keeps what the run accumulates on the device: the memorization scores of the first
+    ``detection_steps`` UNet calls (:mod:`guard.detection`), the gate's decision when
+    ``config.gate_threshold`` is set, and each call's guidance norms. After the decision a
+    cleared image runs only its unconditional and plain-prompt rows, so the UNet batch is packed:
+    ``[uncond (all images) | attenuated (flagged images) | plain (all images)]``; the decision is
+    the run's one host synchronisation. ``total_steps`` is the number of inference steps;
+    second-order schedulers (Heun, KDPM2) make ``order`` UNet calls per step, and every call of a
+    step uses that step's schedule weight.
     """
 
-    def __init__(self, config: GuardConfig, total_steps: int, order: int = 1) -> None:
+    def __init__(
+        self,
+        config: GuardConfig,
+        total_steps: int,
+        order: int = 1,
+        *,
+        images: int,
+        session: Optional[AttenuationSession] = None,
+        detection_steps: int = 1,
+    ) -> None:
         self.config = config
         self.total_steps = total_steps
         self.order = order
+        self.images = images
+        self.session = session
+        gate_steps = config.gate_steps if config.gate_threshold is not None else 1
+        self.detection_steps = max(detection_steps, gate_steps)
         self.cleared: Optional[torch.Tensor] = None  # (images,) bool once the gate has decided
+        self.flagged: Optional[torch.Tensor] = None  # images keeping an attenuated row (None: all of them)
         self.norms: list[torch.Tensor] = []  # per UNet call: (3, images) on the device
+        self.scores = ScoreAccumulator()
+        self.calls = 0
+        self.rows_per_call: list[int] = []  # the UNet batch of each call (host ints, known without a sync)
+        self._negative = self._positive = None
+        self._stacked = None
 
     def schedule_index(self, call_index: int) -> int:
         """The inference step a UNet call belongs to (its position in the guidance schedule)."""
         return min(call_index // self.order, self.total_steps - 1)
+
+    def set_conditioning(self, negative: dict[str, Any], positive: dict[str, Any]) -> None:
+        """The UNet's conditioning per branch, each with one row per image: ``negative`` feeds the
+        unconditional branch, ``positive`` the attenuated and the plain-prompt branches."""
+        self._negative, self._positive = negative, positive
+        self._stacked = None
+
+    @property
+    def conditioning(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self._negative, self._positive
+
+    def _unet_inputs(self) -> dict[str, Any]:
+        if self._stacked is None:
+            negative, positive = self._negative, self._positive
+            if self.config.branches == 2:
+                parts = [negative, positive]
+            elif self.flagged is None:
+                parts = [negative, positive, positive]
+            else:
+                parts = [negative, _take(positive, self.flagged), positive]
+            self._stacked = _stack(parts)
+        return self._stacked
+
+    def _model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.config.branches == 2:
+            return torch.cat([latents, latents])
+        if self.flagged is None:
+            return torch.cat([latents] * 3)
+        return torch.cat([latents, latents.index_select(0, self.flagged), latents])
 
     def __call__(
         self,
@@ -52,31 +121,107 @@ class GuardDenoiser:
         latents: torch.Tensor,
         timestep,
         call_index: int,
-        unet_inputs: dict[str, Any],
         cross_attention_kwargs: Optional[dict[str, Any]] = None,
         extra_step_kwargs: Optional[dict[str, Any]] = None,
     ) -> torch.Tensor:
-        """The next latents. ``unet_inputs`` are the UNet's conditioning, already stacked per branch."""
-        config = self.config
-        model_input = torch.cat([latents] * config.branches)
+        """The next latents."""
+        config, n = self.config, self.images
+        detecting = self.calls < self.detection_steps
+        session = self.session
+        read_mass = detecting and session is not None and config.method == "guard" and session.attenuated_layers
+        if read_mass:  # Ren et al.'s entropy reads the plain prompt's rows
+            session.reset_mass()
+            session.mass_rows = slice(2 * n, 3 * n)
+        model_input = self._model_input(latents)
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(model_input, timestep)
+        self.rows_per_call.append(model_input.shape[0])
         noise_pred = unet(
-            model_input, timestep, **unet_inputs, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
+            model_input,
+            timestep,
+            **self._unet_inputs(),
+            cross_attention_kwargs=cross_attention_kwargs,
+            return_dict=False,
         )[0]
-        if config.gate_threshold is not None and self.cleared is None:
-            self.cleared = memorization_gate(*noise_pred.chunk(3), config)
-        guided, norms = combine_predictions(
-            noise_pred,
-            self.schedule_index(call_index),
-            self.total_steps,
-            config,
-            timestep=timestep,
-            return_norms=True,
-            cleared=self.cleared,
-        )
+        if read_mass:
+            session.mass_rows = None
+        if config.method == "guard":
+            eps_u, eps_neg = noise_pred[:n], noise_pred[noise_pred.shape[0] - n :]
+            if self.flagged is None:
+                eps_pos = noise_pred[n : 2 * n]
+            else:  # cleared images have no attenuated row; their GUARD terms are never used
+                eps_pos = eps_neg.index_copy(0, self.flagged, noise_pred[n : noise_pred.shape[0] - n])
+            if detecting:
+                self._detect(eps_u, eps_neg, eps_pos, session if read_mass else None)
+            if self.calls == self.detection_steps - 1 and config.gate_threshold is not None:
+                self._decide(latents.device)
+            guided, norms = guard_guidance(
+                eps_u,
+                eps_pos,
+                eps_neg,
+                self.schedule_index(call_index),
+                self.total_steps,
+                config,
+                return_norms=True,
+                cleared=self.cleared,
+            )
+        else:
+            if detecting:
+                self.scores.add(wen=wen_score(*noise_pred.chunk(2)))
+            guided, norms = combine_predictions(
+                noise_pred,
+                self.schedule_index(call_index),
+                self.total_steps,
+                config,
+                timestep=timestep,
+                return_norms=True,
+            )
         self.norms.append(torch.stack(tuple(norms)))
+        self.calls += 1
         return scheduler.step(guided, timestep, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
+
+    def _detect(self, eps_u, eps_neg, eps_pos, session: Optional[AttenuationSession]) -> None:
+        entropy = None
+        if session is not None:
+            masses = session.attention_mass()
+            if masses:
+                entropy = torch.stack([attention_entropy(mass) for mass in masses.values()]).mean(dim=0)
+        self.scores.add(wen=wen_score(eps_u, eps_neg), cosine=guidance_cosine(eps_u, eps_pos, eps_neg), entropy=entropy)
+
+    def _decide(self, device) -> None:
+        """The gate: clear images whose score says "not memorized", and pack the batch for the rest
+        of the run. Reading the decision is the run's one host synchronisation."""
+        config, n = self.config, self.images
+        means = self.scores.means()
+        if config.gate_detector not in means:
+            raise ValueError(
+                f"the memorization gate's detector {config.gate_detector!r} has no score in this run"
+                " (entropy needs GUARD's attenuated layers on the UNet)"
+            )
+        self.cleared = is_cleared(config.gate_detector, means[config.gate_detector], config.gate_threshold)
+        flagged = torch.nonzero(~self.cleared.cpu()).flatten()  # the one host sync
+        if len(flagged) == n:
+            return
+        self.flagged = flagged.to(device)
+        self._stacked = None
+        if self.session is not None:
+            m = len(flagged)
+            self.session.spike_rows = slice(n, n + m) if m else None
+            trash = torch.full((n,), n, dtype=torch.long, device=device)
+            self.session.count_index = torch.cat([trash, self.flagged, trash])
+
+
+@contextlib.contextmanager
+def _attenuated_branch(unet, config: GuardConfig, rows: int, num_keys: int, device, backend: str):
+    """The spike rule on the attenuated branch, rows ``[rows, 2 rows)`` of GUARD's layout, with one
+    spike count row per image (and one more that the other rows' zero flags land in)."""
+    spike_rows = slice(rows, 2 * rows)
+    with attenuate_cross_attention(unet, spike_rows, config, backend=backend) as session:
+        elsewhere = torch.full((rows,), rows, dtype=torch.long, device=device)
+        images = torch.arange(rows, device=device)
+        session.count_index = torch.cat([elsewhere, images] + [elsewhere] * (config.branches - 2))
+        session.prepare_counts(rows + 1, num_keys, device)
+        yield session
 
 
 class GuardSamplingMixin:
@@ -100,9 +245,7 @@ class GuardSamplingMixin:
         per-row token modulation; the others run the UNet's own processors.
         """
         if config.attenuates:
-            spike_rows = torch.zeros(config.branches * rows, dtype=torch.bool, device=device)
-            spike_rows[rows : 2 * rows] = True
-            return attenuate_cross_attention(self.unet, spike_rows, config, backend=backend)
+            return _attenuated_branch(self.unet, config, rows, num_keys, device, backend)
         if config.method == "ren":
             token_scale, token_bias = self._ren_token_modulation(prompt, config, rows, images_per_prompt, num_keys)
             return attenuate_cross_attention(
@@ -139,38 +282,34 @@ class GuardSamplingMixin:
         latents: torch.Tensor,
         timesteps,
         num_inference_steps: int,
-        unet_inputs: dict[str, Any],
         *,
         extra_step_kwargs: dict[str, Any],
         cross_attention_kwargs: Optional[dict[str, Any]],
         callback_on_step_end: Optional[Callable],
         callback_tensor_inputs: list[str],
-        callback_tensors: dict[str, Callable[[], torch.Tensor]],
-        callback_updates: dict[str, Callable[[torch.Tensor], None]],
+        callback_embeddings=None,
     ) -> torch.Tensor:
         """The denoising loop; returns the final latents.
 
-        ``callback_tensor_inputs`` are the names the callback asked for; ``callback_tensors``
-        names what it may read (a getter each, latents aside) and ``callback_updates`` what it may
-        replace (a setter each): the pipeline keeps its own conditioning, so that a callback's
-        change reaches the next UNet call.
+        ``callback_tensor_inputs`` are the names the callback asked for; ``callback_embeddings``
+        (the pipeline's: ``tensors()`` and ``update(outputs)``) shows it the conditioning in the
+        parent pipeline's layout and takes its changes back, so they reach the next UNet call.
         """
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                latents = denoiser(
-                    self.unet, self.scheduler, latents, t, i, unet_inputs, cross_attention_kwargs, extra_step_kwargs
-                )
+                latents = denoiser(self.unet, self.scheduler, latents, t, i, cross_attention_kwargs, extra_step_kwargs)
                 if callback_on_step_end is not None:
-                    available = {"latents": latents, **{name: get() for name, get in callback_tensors.items()}}
+                    available = {"latents": latents}
+                    if callback_embeddings is not None and set(callback_tensor_inputs) - {"latents"}:
+                        available.update(callback_embeddings.tensors())
                     requested = {name: available[name] for name in callback_tensor_inputs}
-                    outputs = callback_on_step_end(self, i, t, requested) or {}
+                    outputs = dict(callback_on_step_end(self, i, t, requested) or {})
                     latents = outputs.pop("latents", latents)
-                    for name, value in outputs.items():
-                        if name in callback_updates:
-                            callback_updates[name](value)
+                    if callback_embeddings is not None:
+                        callback_embeddings.update(outputs)
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         return latents
@@ -199,8 +338,8 @@ class GuardSamplingMixin:
             counts = session.spike_counts()
             layer_names = tuple(name for name in session.attenuated_layers if name in counts)
             layer_heads = tuple(session.heads[name] for name in layer_names)
-            if layer_names:
-                stacked = torch.stack([counts[name][rows : 2 * rows] for name in layer_names], dim=0)
+            if layer_names:  # count rows: one per image, then the rows nothing is counted for
+                stacked = torch.stack([counts[name][:rows] for name in layer_names], dim=0)
                 stacked = stacked.cpu().to(torch.int64).view(len(layer_names), batch_size, images_per_prompt, -1)
                 if cleared is not None:  # a cleared image's attenuated rows did not act: their flags do not count
                     stacked = stacked * (~cleared).view(1, batch_size, images_per_prompt, 1)
@@ -225,4 +364,5 @@ class GuardSamplingMixin:
             repulsion_norms=norms[:, 1],
             cosines=norms[:, 2],
             cleared=cleared,
+            detection=denoiser.scores.result(batch_size, images_per_prompt) if denoiser.scores.calls else None,
         )

@@ -90,7 +90,6 @@ def test_spike_rows_match_eager_attenuation_only_in_chosen_blocks(unet):
             name = key[: -len(".processor")]
             assert torch.equal(counts[name].long(), processor.flags)
             assert counts[name][[0, 2]].sum() == 0 and counts[name][1].sum() > 0
-            assert session.calls[name] == 1
 
 
 def test_attenuation_reaches_only_positive_rows_and_chosen_layers(unet, monkeypatch):
@@ -217,7 +216,7 @@ def test_bad_arguments_raise_clear_errors(unet):
     with pytest.raises(ValueError, match="backend must be one of"):
         with attenuate_cross_attention(unet, None, GuardConfig(), backend="cuda"):
             pass
-    with pytest.raises(TypeError, match="spike_rows must be None or a 1-D bool tensor"):
+    with pytest.raises(TypeError, match="spike_rows must be None, a 1-D bool tensor"):
         with attenuate_cross_attention(unet, torch.tensor([0, 1, 0]), GuardConfig()):
             pass
     with pytest.raises(TypeError, match="token_bias must be None or a float tensor"):

@@ -227,8 +227,24 @@ def test_callback_and_interrupt(tiny):
 
     out = run(pipe, GuardConfig(), callback_on_step_end=callback,
               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])  # fmt: skip
-    assert seen == [(0, (2, 4, 8, 8), 6), (1, (2, 4, 8, 8), 6)]
+    # prompt_embeds as the parent pipeline lays it out under CFG: cat([negative, positive]).
+    assert seen == [(0, (2, 4, 8, 8), 4), (1, (2, 4, 8, 8), 4)]
     assert out.report.num_steps == 2
+
+    def unprompted(pipeline, step, timestep, tensors):  # from step 1 on, the prompt is the negative one
+        negative = tensors["prompt_embeds"].chunk(2)[0]
+        return {"prompt_embeds": torch.cat([negative, negative])}
+
+    changed = run(
+        pipe, GuardConfig(), callback_on_step_end=unprompted, callback_on_step_end_tensor_inputs=["prompt_embeds"]
+    )
+    assert relative_error(changed.images, run(pipe, GuardConfig()).images) > 1e-3
+
+    def wrong_shape(pipeline, step, timestep, tensors):
+        return {"prompt_embeds": tensors["prompt_embeds"][-1:]}
+
+    with pytest.raises(ValueError, match=r"GUARD takes cat\(\[negative, positive\]\)"):
+        run(pipe, GuardConfig(), callback_on_step_end=wrong_shape, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
     def zero_latents(pipeline, step, timestep, tensors):
         return {"latents": torch.zeros_like(tensors["latents"])} if step == STEPS - 1 else {}
