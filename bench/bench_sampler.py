@@ -162,11 +162,11 @@ def make_step(setup: StepSetup, variant: str, stack: contextlib.ExitStack) -> Ca
 
         return step
     text = torch.cat([setup.uncond, setup.cond, setup.cond])
-    rows = torch.zeros(3 * n, dtype=torch.bool, device=setup.device)
-    rows[n : 2 * n] = True
-    if variant == "guard":
-        stack.enter_context(attenuate_cross_attention(unet, rows, config))
+    if variant == "guard":  # the attenuated branch as the pipeline marks it: a slice of the batch
+        stack.enter_context(attenuate_cross_attention(unet, slice(n, 2 * n), config))
     else:
+        rows = torch.zeros(3 * n, dtype=torch.bool, device=setup.device)
+        rows[n : 2 * n] = True
         stack.enter_context(eager_guard(unet, rows, config))
 
     def step():

@@ -59,7 +59,9 @@ def torch_cross_attention(
     bounds = [(start, min(start + chunk, num_queries)) for start in range(0, num_queries, chunk)]
 
     def compute_logits(start: int, stop: int) -> torch.Tensor:
-        return torch.matmul(queries[:, :, start:stop].to(acc), keys) * scale  # (B, H, n, Nk)
+        # Unscaled q.k: the scale is folded into the one multiply of each logit below (the scale is
+        # positive, so it commutes with the max over queries).
+        return torch.matmul(queries[:, :, start:stop].to(acc), keys)  # (B, H, n, Nk)
 
     # When every query fits in one chunk, both sweeps share one logits tensor.
     single = compute_logits(0, num_queries) if len(bounds) == 1 else None
@@ -72,12 +74,14 @@ def torch_cross_attention(
     spikes = torch.zeros((batch, heads, num_keys), dtype=torch.bool, device=q.device)
     if spike_rows is not None:
         # The spike rule needs every query's logit before any probability: a first sweep.
-        peaks = torch.stack([logits(a, b).amax(dim=2) for a, b in bounds]).amax(dim=0)
+        peaks = torch.stack([logits(a, b).amax(dim=2) for a, b in bounds]).amax(dim=0) * scale
         spikes = spike_mask_from_peaks(peaks, spike_threshold) & spike_rows.view(batch, 1, 1)
         # masked_fill writes the Python float straight into acc; torch.where(spikes, spike_scale, 1.0)
         # would build a float32 tensor first and round 0.3 on the float64 path.
         spike_factor = torch.ones(spikes.shape, dtype=acc, device=q.device).masked_fill_(spikes, spike_scale)
         multiplier = spike_factor if multiplier is None else multiplier * spike_factor
+    # One multiply per logit: scale x token_scale x spike factor.
+    multiplier = scale if multiplier is None else (multiplier * scale).unsqueeze(2)
 
     out = torch.empty((batch, num_queries, heads, head_dim), dtype=q.dtype, device=q.device)
     mass = torch.zeros((batch, heads, num_keys), dtype=acc, device=q.device) if return_stats else None
@@ -85,12 +89,12 @@ def torch_cross_attention(
     for start, stop in bounds:
         chunk_logits = logits(start, stop)
         if return_stats and peaks is None:
-            block_max = chunk_logits.amax(dim=2)
+            block_max = chunk_logits.amax(dim=2) * scale
             running_max = block_max if running_max is None else torch.maximum(running_max, block_max)
-        if multiplier is not None:
-            chunk_logits = chunk_logits * multiplier.unsqueeze(2)
+        # In place: each chunk's logits serve nothing else once the peak sweep is done.
+        chunk_logits = chunk_logits.mul_(multiplier)
         if token_bias is not None:
-            chunk_logits = chunk_logits + token_bias.unsqueeze(2)
+            chunk_logits = chunk_logits.add_(token_bias.unsqueeze(2))
         probs = _softmax(chunk_logits)
         if mass is not None:
             mass += probs.sum(dim=2)
