@@ -19,6 +19,8 @@ METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli")
 SCHEDULES = ("cosine", "linear", "sine", "constant")
 #: Memorization scores the gate can decide on (guard.detection has their definitions).
 DETECTORS = ("cosine", "wen", "entropy")
+#: What the gate can decide on: one score, or "linear", a weighted sum of all three (gate_weights).
+GATE_DETECTORS = DETECTORS + ("linear",)
 DEFAULT_BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block")
 
 #: Number of UNet row groups each method runs per step (unconditional, attenuated, plain prompt).
@@ -61,9 +63,12 @@ class GuardConfig:
         whose memorization score (``gate_detector``, see :mod:`guard.detection`: "cosine",
         between GUARD's attenuated and plain-prompt guidance, cleared above the threshold; "wen",
         the text-conditional noise norm, or "entropy", Ren et al.'s cross-attention entropy,
-        cleared below it) says it is not memorized is cleared: guided by plain classifier-free
-        guidance from then on, on its unconditional and plain rows only (CFG's cost); the others
-        keep GUARD's three rows. The scores come from GUARD's own branches: no extra UNet call.
+        cleared below it; "linear", ``gate_weights`` (wen, cosine, entropy) times the three
+        scores, summed, cleared below the threshold, so that any combination and either
+        direction can be calibrated for a model) says it is not memorized is cleared: guided by
+        plain classifier-free guidance from then on, on its unconditional and plain rows only
+        (CFG's cost); the others keep GUARD's three rows. The scores come from GUARD's own
+        branches: no extra UNet call.
     bos_scale: "ren" only, the BOS logit factor c1 on the conditional rows.
     transition_timestep, early_guidance_scale: "jain" only; the early scale enters the same
         formula ``eps_u + scale * (eps_c - eps_u)`` as ``guidance_scale``, so 1.0 means no
@@ -84,6 +89,7 @@ class GuardConfig:
     gate_threshold: Optional[float] = None
     gate_detector: str = "cosine"
     gate_steps: int = 1
+    gate_weights: Optional[tuple[float, float, float]] = None
     bos_scale: float = 1.25
     transition_timestep: float = 500.0
     early_guidance_scale: float = 1.0
@@ -111,15 +117,30 @@ class GuardConfig:
         # Negative is Jain et al.'s "opposite guidance".
         set_(self, "early_guidance_scale", _real("early_guidance_scale", self.early_guidance_scale, minimum=None))
         set_(self, "embedding_noise_scale", _real("embedding_noise_scale", self.embedding_noise_scale))
-        if self.gate_detector not in DETECTORS:
-            raise ValueError(f"GuardConfig.gate_detector must be one of {DETECTORS}, got {self.gate_detector!r}")
+        if self.gate_detector not in GATE_DETECTORS:
+            raise ValueError(f"GuardConfig.gate_detector must be one of {GATE_DETECTORS}, got {self.gate_detector!r}")
+        if (self.gate_detector == "linear") != (self.gate_weights is not None):
+            raise ValueError(
+                "GuardConfig.gate_weights (wen, cosine, entropy) go with gate_detector 'linear', and only there"
+            )
+        if self.gate_weights is not None:
+            weights = tuple(self.gate_weights) if isinstance(self.gate_weights, (list, tuple)) else ()
+            if len(weights) != len(DETECTORS):
+                raise ValueError(
+                    f"GuardConfig.gate_weights must be 3 numbers (wen, cosine, entropy), got {self.gate_weights!r}"
+                )
+            weights = tuple(_real(f"gate_weights[{i}]", w, minimum=None) for i, w in enumerate(weights))
+            if not any(weights):
+                raise ValueError("GuardConfig.gate_weights must not all be 0")
+            set_(self, "gate_weights", weights)
         if isinstance(self.gate_steps, bool) or not isinstance(self.gate_steps, int) or self.gate_steps < 1:
             raise ValueError(f"GuardConfig.gate_steps must be a positive integer, got {self.gate_steps!r}")
         if self.gate_threshold is None and (self.gate_detector != "cosine" or self.gate_steps != 1):
             raise ValueError("GuardConfig.gate_detector and gate_steps choose how the gate decides: set gate_threshold")
         if self.gate_threshold is not None:
             cosine = self.gate_detector == "cosine"
-            gate = _real("gate_threshold", self.gate_threshold, minimum=-1.0 if cosine else 0.0)
+            minimum = {"cosine": -1.0, "linear": None}.get(self.gate_detector, 0.0)
+            gate = _real("gate_threshold", self.gate_threshold, minimum=minimum)
             if cosine and gate > 1.0:
                 raise ValueError(f"GuardConfig.gate_threshold must be in [-1, 1] or None, got {gate}")
             if self.method != "guard":

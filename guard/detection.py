@@ -55,10 +55,37 @@ def attention_entropy(mass: torch.Tensor) -> torch.Tensor:
     return -(p * logs).sum(dim=-1)
 
 
+def linear_score(scores: dict[str, torch.Tensor], weights) -> torch.Tensor:
+    """``weights`` (wen, cosine, entropy) times the scores, summed; higher means memorized."""
+    total = None
+    for name, weight in zip(DETECTORS, weights):
+        if weight == 0:
+            continue
+        if name not in scores:
+            raise ValueError(f"the gate's weights use the {name!r} score, which this run has not computed")
+        term = weight * scores[name]
+        total = term if total is None else total + term
+    return total
+
+
+def gate_score(config, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The score ``config``'s gate decides on, from the run's mean scores."""
+    if config.gate_detector == "linear":
+        return linear_score(scores, config.gate_weights)
+    if config.gate_detector not in scores:
+        raise ValueError(
+            f"the memorization gate's detector {config.gate_detector!r} has no score in this run"
+            " (cosine and entropy need GUARD's attenuated branch and layers)"
+        )
+    return scores[config.gate_detector]
+
+
 def is_cleared(detector: str, score: torch.Tensor, threshold: float) -> torch.Tensor:
     """The gate's decision per image: True where the score says "not memorized"."""
+    if detector == "linear":
+        return score < threshold
     if detector not in DETECTORS:
-        raise ValueError(f"detector must be one of {DETECTORS}, got {detector!r}")
+        raise ValueError(f"detector must be one of {DETECTORS + ('linear',)}, got {detector!r}")
     return score < threshold if MEMORIZED_IF_HIGH[detector] else score > threshold
 
 

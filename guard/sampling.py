@@ -21,7 +21,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 
 from .attention import AttenuationSession, attenuate_cross_attention
 from .config import GuardConfig
-from .detection import ScoreAccumulator, attention_entropy, is_cleared, wen_score
+from .detection import ScoreAccumulator, attention_entropy, gate_score, is_cleared, wen_score
 from .guidance import combine_predictions, guard_guidance, guidance_cosine, repulsion_weight
 from .report import GuardReport, position_labels, token_labels
 
@@ -192,13 +192,8 @@ class GuardDenoiser:
         """The gate: clear images whose score says "not memorized", and pack the batch for the rest
         of the run. Reading the decision is the run's one host synchronisation."""
         config, n = self.config, self.images
-        means = self.scores.means()
-        if config.gate_detector not in means:
-            raise ValueError(
-                f"the memorization gate's detector {config.gate_detector!r} has no score in this run"
-                " (entropy needs GUARD's attenuated layers on the UNet)"
-            )
-        self.cleared = is_cleared(config.gate_detector, means[config.gate_detector], config.gate_threshold)
+        score = gate_score(config, self.scores.means())
+        self.cleared = is_cleared(config.gate_detector, score, config.gate_threshold)
         flagged = torch.nonzero(~self.cleared.cpu()).flatten()  # the one host sync
         if len(flagged) == n:
             return
