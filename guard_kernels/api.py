@@ -1,12 +1,20 @@
-"""The public entry point: validate arguments once, then dispatch to the Triton or PyTorch path."""
+"""The public entry point: validate arguments once, then dispatch to the Triton or PyTorch path.
+
+Everything before the dispatch is plain Python on shapes, dtypes, devices and Python numbers, which
+``torch.compile`` traces without a graph break (a 0-d tensor scalar is read with ``.item()``, which
+breaks the graph: pass Python floats in compiled code); the computation itself is one custom op
+(:mod:`guard_kernels.ops`).
+"""
 
 import os
 from typing import Optional
 
 import torch
 
+from . import ops
 from .limits import TRITON_DTYPES, tile_limit_error
-from .reference import compute_dtype, torch_cross_attention
+from .reference import compute_dtype
+from .stats import AttentionStats
 from .validation import real_number
 
 BACKENDS = ("auto", "triton", "torch")
@@ -171,6 +179,11 @@ def cross_attention(
     mean, hence every z-score, is NaN). Infinite q or k give logits by IEEE rules (inf * 0 =
     NaN), except that on a GPU float32 q and k go through a 3-pass TF32 dot, which turns an
     infinite element into NaN logits.
+
+    The computation is one custom op, ``torch.ops.guard_kernels.cross_attention`` (or
+    ``cross_attention_stats`` with ``return_stats``), so ``torch.compile`` traces a call with no
+    graph break. The ops have no backward (an inference kernel): backpropagating through them
+    raises.
     """
     _check_qkv(q, k, v)
     batch, _, heads, head_dim = q.shape
@@ -187,14 +200,8 @@ def cross_attention(
     token_scale = _token_tensor("token_scale", token_scale, batch, heads, num_keys, q.device, acc)
     token_bias = _token_tensor("token_bias", token_bias, batch, heads, num_keys, q.device, acc)
 
-    if backend == "triton":
-        from .triton_fused import triton_cross_attention
-
-        out, stats = triton_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
-        )
-    else:
-        out, stats = torch_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
-        )
-    return (out, stats) if return_stats else out
+    args = (q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, backend)
+    if return_stats:
+        out, max_logit, mass, spikes = ops.cross_attention_stats(*args)
+        return out, AttentionStats(max_logit=max_logit, mass=mass, spikes=spikes)
+    return ops.cross_attention(*args)
