@@ -1,7 +1,7 @@
 """guard_kernels.cross_attention under torch.compile: one custom op, no graph break, no recompilation.
 
 The computation is the custom op ``guard_kernels::cross_attention`` (``..._stats`` with statistics,
-guard_kernels.ops); the argument checks before it are traced by dynamo. Inputs are tiny: the
+in guard_kernels.api); the argument checks before it are traced by dynamo. Inputs are tiny: the
 Triton cases run in the interpreter (a few programs per launch) on the CPU.
 """
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from guard_kernels import cross_attention, ops, triton_fused
+from guard_kernels import api, cross_attention, triton_fused
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OP_NAMES = ("cross_attention", "cross_attention_stats")
 
-pytestmark = pytest.mark.skipif(not ops.HAS_CUSTOM_OPS, reason="torch.library.custom_op needs torch >= 2.4")
+pytestmark = pytest.mark.skipif(not api.HAS_CUSTOM_OPS, reason="torch.library.custom_op needs torch >= 2.4")
 
 
 def inputs(seed=0, batch=2, nq=20, heads=2, nk=7, dim=16, dtype=torch.float32):
@@ -145,11 +145,11 @@ def test_fake_shapes_dtypes_and_strides_equal_the_real_ones():
 
     for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
         args = op_args(backend, dtype)
-        real = ops.cross_attention_stats(*args)
+        real = api.cross_attention_stats_op(*args)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-            fake = ops.cross_attention_stats(*fake_args)
-            fake_plain = ops.cross_attention(*fake_args)
+            fake = api.cross_attention_stats_op(*fake_args)
+            fake_plain = api.cross_attention_op(*fake_args)
         for f, r in zip((*fake, fake_plain), (*real, real[0])):
             assert (f.shape, f.dtype, f.stride(), f.device) == (r.shape, r.dtype, r.stride(), r.device)
 
