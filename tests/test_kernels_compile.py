@@ -36,6 +36,14 @@ def inputs(seed=0, batch=2, nq=20, heads=2, nk=7, dim=16, dtype=torch.float32):
     )
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch: the functions below share one code object, hence one cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 OPTIONS = {
     "plain": dict(),
     "spike_rows": dict(spike_rows=True),
@@ -106,7 +114,6 @@ def test_dynamo_traces_every_option_without_a_graph_break(name, backend):
 )
 def test_compiled_calls_match_eager_ones(compiler, name, dtype):
     """fullgraph=True: a graph break would be an error. Statistics compared too, dtypes included."""
-    torch._dynamo.reset()
     fn = make_fn(OPTIONS[name])
     dtype = getattr(torch, dtype)
     args = inputs(seed=1, dtype=dtype)
@@ -176,7 +183,6 @@ def test_the_ops_refuse_a_backend_the_api_did_not_resolve():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_recompilation_when_only_values_change(backend):
     """New q/k/v, spike rows, token tensors and their values: one compiled frame serves them all."""
-    torch._dynamo.reset()
     counter = CompileCounter()
     fn = make_fn(OPTIONS["everything"], backend)
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
@@ -190,7 +196,6 @@ def test_no_recompilation_when_only_values_change(backend):
 
 def test_changing_the_query_count_compiles_one_dynamic_graph():
     """After one recompile (dynamo marks Nq dynamic), every further Nq reuses it: the fake impl is symbolic."""
-    torch._dynamo.reset()
     counter = CompileCounter()
     fn = make_fn(OPTIONS["everything"])
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
@@ -203,7 +208,6 @@ def test_changing_the_query_count_compiles_one_dynamic_graph():
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_no_grad_and_inference_mode(mode):
     context = torch.no_grad if mode == "no_grad" else torch.inference_mode
-    torch._dynamo.reset()
     fn = make_fn(OPTIONS["everything"])
     args = inputs(seed=3)
     with context():
@@ -237,7 +241,6 @@ def test_triton_path_inside_torch_compile(compiler, monkeypatch):
         return allocated[-1]
 
     monkeypatch.setattr(triton_fused, "_empty", counting_empty)
-    torch._dynamo.reset()
     args = inputs(seed=5)
     for name in ("everything", "plain"):
         fn = make_fn(OPTIONS[name], "triton")
