@@ -1,4 +1,11 @@
-"""The public entry point: validate arguments once, then dispatch to the Triton or PyTorch path."""
+"""The public entry point: validate arguments once, then dispatch to the Triton or PyTorch path.
+
+The dispatch is a PyTorch custom op (``torch.ops.guard_kernels.cross_attention``, or
+``cross_attention_stats`` with statistics), so that ``torch.compile`` traces a call with no graph
+break: everything before the op is plain Python on shapes, dtypes, devices and Python numbers,
+which dynamo traces (a 0-d tensor scalar is read with ``.item()``, which breaks the graph: pass
+Python floats in compiled code).
+"""
 
 import os
 from typing import Optional
@@ -7,6 +14,7 @@ import torch
 
 from .limits import TRITON_DTYPES, tile_limit_error
 from .reference import compute_dtype, torch_cross_attention
+from .stats import AttentionStats
 from .validation import real_number
 
 BACKENDS = ("auto", "triton", "torch")
@@ -123,6 +131,93 @@ def _resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
     return backend
 
 
+# ----------------------------------------------------------------------------- the custom ops
+# Dynamo does not trace into a custom op: the Triton launcher (or the PyTorch path) runs as one
+# graph node, and a fake implementation gives its output shapes and dtypes. A custom op's return
+# schema is fixed, hence two ops: ``guard_kernels::cross_attention`` returns ``out`` only (the
+# Triton path allocates nothing else), ``guard_kernels::cross_attention_stats`` returns
+# ``(out, max_logit, mass, spikes)``. Both take ``(q, k, v, scale, spike_rows, spike_threshold,
+# spike_scale, token_scale, token_bias, backend)`` as cross_attention passes them: validated, token
+# tensors as (B, H, Nk) views in the accumulation dtype, backend resolved to "torch" or "triton".
+# Neither has a backward (an inference kernel): backpropagating through one raises. (The PyTorch
+# path's own backward failed already for gradients through q, k or the token tensors: its softmax
+# fix-up is in place.) On torch < 2.4 (no torch.library.custom_op) they are plain functions.
+
+#: The op namespace: torch.ops.guard_kernels.cross_attention / .cross_attention_stats.
+NAMESPACE = "guard_kernels"
+HAS_CUSTOM_OPS = hasattr(torch.library, "custom_op")
+
+
+def _run(q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, backend, return_stats):
+    args = (q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats)
+    if backend == "triton":
+        from .triton_fused import triton_cross_attention
+
+        return triton_cross_attention(*args)
+    if backend == "torch":
+        return torch_cross_attention(*args)
+    raise ValueError(f"the ops' backend must be 'torch' or 'triton' (resolved by cross_attention), got {backend!r}")
+
+
+def cross_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    spike_rows: Optional[torch.Tensor],
+    spike_threshold: float,
+    spike_scale: float,
+    token_scale: Optional[torch.Tensor],
+    token_bias: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    """The op ``guard_kernels::cross_attention``: the output (B, Nq, H, D). No backward."""
+    out, _ = _run(q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, backend, False)
+    return out
+
+
+def cross_attention_stats_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    spike_rows: Optional[torch.Tensor],
+    spike_threshold: float,
+    spike_scale: float,
+    token_scale: Optional[torch.Tensor],
+    token_bias: Optional[torch.Tensor],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op ``guard_kernels::cross_attention_stats``: ``(out, max_logit, mass, spikes)``. No backward."""
+    out, stats = _run(q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, backend, True)
+    return out, stats.max_logit, stats.mass, stats.spikes
+
+
+def _fake_cross_attention(q, k, v, *args):
+    """Both paths return a fresh contiguous (B, Nq, H, D) output in q's dtype."""
+    return q.new_empty(q.shape)
+
+
+def _fake_cross_attention_stats(q, k, v, *args):
+    shape = (q.shape[0], q.shape[2], k.shape[1])  # (B, H, Nk), contiguous
+    acc = compute_dtype(q.dtype)
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(shape, dtype=acc),
+        q.new_empty(shape, dtype=acc),
+        q.new_empty(shape, dtype=torch.bool),
+    )
+
+
+if HAS_CUSTOM_OPS:
+    cross_attention_op = torch.library.custom_op(f"{NAMESPACE}::cross_attention", mutates_args=())(cross_attention_op)
+    cross_attention_op.register_fake(_fake_cross_attention)
+    cross_attention_stats_op = torch.library.custom_op(f"{NAMESPACE}::cross_attention_stats", mutates_args=())(
+        cross_attention_stats_op
+    )
+    cross_attention_stats_op.register_fake(_fake_cross_attention_stats)
+
+
 def cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -171,6 +266,11 @@ def cross_attention(
     mean, hence every z-score, is NaN). Infinite q or k give logits by IEEE rules (inf * 0 =
     NaN), except that on a GPU float32 q and k go through a 3-pass TF32 dot, which turns an
     infinite element into NaN logits.
+
+    The computation is one custom op, ``torch.ops.guard_kernels.cross_attention`` (or
+    ``cross_attention_stats`` with ``return_stats``), so ``torch.compile`` traces a call with no
+    graph break. The ops have no backward (an inference kernel): backpropagating through them
+    raises.
     """
     _check_qkv(q, k, v)
     batch, _, heads, head_dim = q.shape
@@ -187,14 +287,8 @@ def cross_attention(
     token_scale = _token_tensor("token_scale", token_scale, batch, heads, num_keys, q.device, acc)
     token_bias = _token_tensor("token_bias", token_bias, batch, heads, num_keys, q.device, acc)
 
-    if backend == "triton":
-        from .triton_fused import triton_cross_attention
-
-        out, stats = triton_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
-        )
-    else:
-        out, stats = torch_cross_attention(
-            q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, return_stats
-        )
-    return (out, stats) if return_stats else out
+    args = (q, k, v, scale, spike_rows, spike_threshold, spike_scale, token_scale, token_bias, backend)
+    if return_stats:
+        out, max_logit, mass, spikes = cross_attention_stats_op(*args)
+        return out, AttentionStats(max_logit=max_logit, mass=mass, spikes=spikes)
+    return cross_attention_op(*args)
