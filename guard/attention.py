@@ -187,6 +187,11 @@ class AttenuationSession:
     def token_bias(self, value: Optional[torch.Tensor]) -> None:
         self._token_bias = _token_tensor("token_bias", value)
 
+    @property
+    def unet_kwargs(self) -> dict:
+        """``cross_attention_kwargs`` that hand this session to the processors of a UNet call."""
+        return {"guard_session": self}
+
     def attenuates(self, layer: str) -> bool:
         return self._spike_rows is not None and layer in self._attenuated
 
@@ -210,8 +215,9 @@ class AttenuationSession:
     def reset_mass(self) -> None:
         self._mass.clear()
 
-    def _record(self, layer: str, spikes: torch.Tensor, rows: Optional[slice] = None) -> None:
-        """Add one call's spike flags, (B', H, Nk) for the UNet rows ``rows`` (all rows for None)."""
+    def _record(self, layer: str, spikes: torch.Tensor, batch: int, rows: Optional[slice] = None) -> None:
+        """Add one call's spike flags, (B', H, Nk) for the UNet rows ``rows`` of a batch of ``batch``
+        rows (all of them for None)."""
         per_token = spikes.sum(dim=1, dtype=torch.int32)  # (B', Nk): summed over heads
         index = self.count_index
         if index is not None and rows is not None:
@@ -220,16 +226,16 @@ class AttenuationSession:
         if counts is None:
             if index is not None:
                 raise ValueError("count_index is set: call prepare_counts() before the first UNet call")
-            counts = self._counts[layer] = torch.zeros_like(per_token)
-        if index is None:
-            if counts.shape != per_token.shape:
-                raise ValueError(
-                    f"layer {layer} saw a batch of shape {tuple(per_token.shape)} after {tuple(counts.shape)};"
-                    " set count_index or call reset_statistics() before changing the UNet batch size"
-                )
-            counts.add_(per_token)
-        else:
+            counts = self._counts[layer] = per_token.new_zeros(batch, per_token.shape[1])
+        if index is not None:
             counts.index_add_(0, index, per_token)
+            return
+        if counts.shape[0] != batch:
+            raise ValueError(
+                f"layer {layer} saw a batch of {batch} rows after {counts.shape[0]}; set count_index or call"
+                " reset_statistics() before changing the UNet batch size"
+            )
+        (counts if rows is None else counts[rows]).add_(per_token)
 
     def _record_mass(self, layer: str, mass: torch.Tensor, num_queries: int) -> None:
         per_token = mass.float().mean(dim=1) / num_queries  # (rows, Nk): head- and query-averaged attention
@@ -279,10 +285,11 @@ class GuardCrossAttnProcessor:
         encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         temb: Optional[torch.Tensor] = None,
+        guard_session: Optional[AttenuationSession] = None,
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        session = _CURRENT_SESSION.get()
+        session = guard_session if guard_session is not None else _CURRENT_SESSION.get()
         if encoder_hidden_states is None or session is None or session.installation is not self.installation:
             return self._defer(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
         attenuate = session.attenuates(self.name)
@@ -384,7 +391,7 @@ class GuardCrossAttnProcessor:
             return self._kernel(session, attn, query, key, value, spike_rows, token_bias, stats=False)
         out, stats = self._kernel(session, attn, query, key, value, spike_rows, token_bias, stats=True)
         if counting:
-            session._record(self.name, stats.spikes)
+            session._record(self.name, stats.spikes, query.shape[0])
         if mass_rows is not None:
             session._record_mass(self.name, stats.mass[mass_rows], query.shape[1])
         return out
@@ -404,7 +411,7 @@ class GuardCrossAttnProcessor:
             )
             if session.collect_stats:
                 result, stats = result
-                session._record(self.name, stats.spikes, rows)
+                session._record(self.name, stats.spikes, batch, rows)
             out[rows] = result
         mass = None if session.mass_rows is None else range(*session.mass_rows.indices(batch))
         for first, last in ((0, start), (stop, batch)):
@@ -422,12 +429,40 @@ class GuardCrossAttnProcessor:
         return out
 
 
+class _SessionBlind:
+    """A self-attention processor that takes ``guard_session`` and ignores it.
+
+    diffusers passes a UNet call's ``cross_attention_kwargs`` to self- and cross-attention alike
+    and warns, on every call, about keys a processor does not name; the session a GUARD call
+    passes is for the cross-attention layers only.
+    """
+
+    def __init__(self, original) -> None:
+        self.original = original
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        guard_session: Optional[AttenuationSession] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if temb is not None:
+            kwargs["temb"] = temb
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
 class _Installation:
     """GUARD's processors on one UNet while any session on it is open (reference-counted)."""
 
     def __init__(self) -> None:
         self.sessions = 0
         self.originals: dict[str, object] = {}
+        self.self_attention: dict[str, torch.nn.Module] = {}
 
 
 _INSTALL_LOCK = threading.Lock()
@@ -436,6 +471,7 @@ _INSTALLATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, _Installation]" = we
 
 def _open(unet: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> _Installation:
     """Install the processors if no session on this UNet is open yet; count this session in."""
+    unet = getattr(unet, "_orig_mod", unet)  # a torch.compile-d UNet and the UNet it wraps are one UNet
     with _INSTALL_LOCK:
         installation = _INSTALLATIONS.get(unet)
         if installation is None:
@@ -451,6 +487,17 @@ def _open(unet: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> _Install
             installation.originals = {name: module.processor for name, module in layers.items()}
             for name, module in layers.items():
                 module.set_processor(GuardCrossAttnProcessor(name, installation.originals[name], installation))
+            # The other attention layers with standard processors take the session argument and ignore it.
+            installation.self_attention = {
+                name: module
+                for name, module in unet.named_modules()
+                if isinstance(module, diffusers_processors.Attention)
+                and module not in layers.values()
+                and isinstance(module.processor, _REPLACEABLE_PROCESSORS)
+            }
+            for name, module in installation.self_attention.items():
+                installation.originals[name] = module.processor
+                module.set_processor(_SessionBlind(module.processor))
         installation.sessions += 1
         return installation
 
@@ -460,9 +507,9 @@ def _close(unet: torch.nn.Module, layers: dict[str, torch.nn.Module], installati
     with _INSTALL_LOCK:
         installation.sessions -= 1
         if installation.sessions == 0:
-            for name, module in layers.items():
+            for name, module in list(layers.items()) + list(installation.self_attention.items()):
                 module.set_processor(installation.originals[name])
-            installation.originals = {}
+            installation.originals, installation.self_attention = {}, {}
 
 
 @contextmanager
@@ -492,9 +539,11 @@ def attenuate_cross_attention(
             logits in every ``attn2`` layer (``l * token_scale + token_bias``; -inf masks a token),
             e.g. for Ren et al.'s mitigation. Changeable later on the session.
 
-    Yields the :class:`AttenuationSession`, which only UNet calls in this thread (or asyncio task)
-    see, so several sessions may run on one UNet at once. The layers' own processors come back when
-    the last open session on the UNet exits, also on an exception.
+    Yields the :class:`AttenuationSession`. UNet calls in this thread (or asyncio task) see it, and
+    calls given ``cross_attention_kwargs=session.unet_kwargs`` anywhere (which is also how a
+    ``torch.compile``-d UNet traces it without a graph break), so several sessions may run on one
+    UNet at once. The layers' own processors come back when the last open session on the UNet
+    exits, also on an exception.
     """
     if not isinstance(config, GuardConfig):
         raise TypeError(f"config must be a GuardConfig, got {type(config).__name__}")

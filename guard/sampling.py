@@ -291,6 +291,8 @@ class GuardSamplingMixin:
         parent pipeline's layout and takes its changes back, so they reach the next UNet call.
         """
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        if denoiser.session is not None:  # the session reaches the processors as a call argument
+            cross_attention_kwargs = {**(cross_attention_kwargs or {}), **denoiser.session.unet_kwargs}
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:

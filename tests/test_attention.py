@@ -52,8 +52,9 @@ def test_plain_rows_equal_the_stock_processor(unet):
         installed = unet.attn_processors
         got = unet(latents, t, encoder_hidden_states=text).sample
     assert sum(isinstance(p, GuardCrossAttnProcessor) for p in installed.values()) == 8
-    # Self-attention keeps its processor; every processor comes back afterwards.
-    assert all(installed[k] is originals[k] for k in originals if ".attn1." in k)
+    # Self-attention keeps its processor behind a wrapper that takes the session argument and
+    # ignores it; every processor comes back afterwards.
+    assert all(installed[k].original is originals[k] for k in originals if ".attn1." in k)
     assert all(unet.attn_processors[k] is originals[k] for k in originals)
     assert session.spike_counts() == {}
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -269,3 +270,80 @@ def _forbidden(name):
         raise AssertionError(f"host synchronisation through Tensor.{name}")
 
     return method
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@torch.no_grad()
+def test_a_guard_unet_call_compiles_without_a_graph_break_and_matches_eager(unet):
+    """The session reaches the processors as a call argument, so dynamo traces the whole UNet."""
+    import torch._dynamo
+
+    latents, t, text = _inputs(batch=6)
+    config = GuardConfig()
+    torch._dynamo.reset()
+    with attenuate_cross_attention(unet, slice(2, 4), config) as session:
+        session.prepare_counts(6, 77, "cpu")
+
+        def call(x, timestep, states):
+            return unet(x, timestep, encoder_hidden_states=states, cross_attention_kwargs=session.unet_kwargs).sample
+
+        explanation = torch._dynamo.explain(call)(latents, t, text)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        session.reset_statistics()
+        session.prepare_counts(6, 77, "cpu")
+        eager = call(latents, t, text)
+        eager_counts = {name: counts.clone() for name, counts in session.spike_counts().items()}
+        session.reset_statistics()
+        session.prepare_counts(6, 77, "cpu")
+        compiled = torch.compile(call, backend="aot_eager")
+        got = compiled(latents, t, text)
+        again = compiled(latents, t, text)  # statistics keep accumulating in the compiled graph
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
+    assert eager_counts and any(c.sum() > 0 for c in eager_counts.values())
+    for name, counts in session.spike_counts().items():
+        assert torch.equal(counts, 2 * eager_counts[name]), name
+
+
+# ----------------------------------------------------------------------------- concurrent sessions
+
+
+def test_concurrent_sessions_on_one_unet_see_only_their_own_rows(unet):
+    """Two threads, two settings, one UNet: each call equals the same call made alone."""
+    import threading
+
+    latents, t, text = _inputs(batch=6)
+    settings = [(slice(2, 4), GuardConfig()), (torch.tensor([True, False] * 3), GuardConfig(spike_threshold=-0.5))]
+    originals = dict(unet.attn_processors)
+
+    def alone(rows, config):
+        with torch.no_grad(), attenuate_cross_attention(unet, rows, config) as session:
+            out = unet(latents, t, encoder_hidden_states=text).sample
+        return out, {name: c.clone() for name, c in session.spike_counts().items()}
+
+    expected = [alone(*setting) for setting in settings]
+    barrier = threading.Barrier(2)
+    results = [None, None]
+
+    def worker(index):
+        rows, config = settings[index]
+        with torch.no_grad(), attenuate_cross_attention(unet, rows, config) as session:
+            barrier.wait()  # both sessions open on the UNet at once
+            outs = [unet(latents, t, encoder_hidden_states=text).sample for _ in range(3)]
+            barrier.wait()
+        results[index] = outs, session.spike_counts()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (outs, counts), (want, want_counts) in zip(results, expected):
+        for out in outs:
+            torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        for name, c in counts.items():
+            assert torch.equal(c, 3 * want_counts[name]), name
+    assert all(unet.attn_processors[k] is originals[k] for k in originals)  # the UNet's own processors are back

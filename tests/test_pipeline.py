@@ -448,3 +448,80 @@ def test_cfg_report_prints_no_step_table(tiny):
     pipe, _ = tiny
     summary = run(pipe, "cfg").report.summary()
     assert "step  w_neg" not in summary and "no spike attenuation (method 'cfg')" in summary
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def _request_pipeline(components):
+    """diffusers' serving pattern: a pipeline per request on the shared modules, with its own scheduler."""
+    shared = dict(components)
+    shared["scheduler"] = type(components["scheduler"]).from_config(components["scheduler"].config)
+    pipe = StableDiffusionGuardPipeline(**shared)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_concurrent_requests_on_shared_weights_equal_sequential_ones(tiny):
+    """GUARD beside GUARD with other settings, and beside CFG on one pipeline, in threads."""
+    import threading
+
+    pipe, components = tiny
+    originals = dict(pipe.unet.attn_processors)
+    requests = [
+        (_request_pipeline(components), GuardConfig()),
+        (_request_pipeline(components), GuardConfig(spike_threshold=-0.5, repulsion_scale=1.0, gate_threshold=0.99)),
+        (pipe, GuardConfig.preset("cfg")),
+        (pipe, GuardConfig.preset("attenuation")),
+    ]
+    alone = [run(request, config, latents=initial_latents(2)).images for request, config in requests]
+    barrier = threading.Barrier(len(requests))
+    results = [None] * len(requests)
+
+    def serve(index):
+        request, config = requests[index]
+
+        def wait_for_the_others(pipeline, step, timestep, tensors):
+            if step == 0:
+                barrier.wait()  # every request is inside its loop at once
+            return {}
+
+        results[index] = run(request, config, latents=initial_latents(2), callback_on_step_end=wait_for_the_others)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for out, expected in zip(results, alone):
+        torch.testing.assert_close(out.images, expected, rtol=1e-6, atol=1e-6)
+    assert all(pipe.unet.attn_processors[k] is originals[k] for k in originals)
+
+
+def test_a_compiled_unet_gives_the_eager_run_and_recompiles_at_most_for_the_gate(tiny):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    pipe, components = tiny
+    split = float(
+        run(pipe, GuardConfig(), latents=initial_latents(2), num_inference_steps=4).report.detection.cosine.mean()
+    )
+    config = GuardConfig(gate_threshold=split)  # clears one image of two
+    eager = run(pipe, config, latents=initial_latents(2), num_inference_steps=4)
+    compiled_pipe = _request_pipeline(components)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_pipe.unet = torch.compile(components["unet"], backend="aot_eager")
+    try:
+        first = run(compiled_pipe, config, latents=initial_latents(2), num_inference_steps=4)
+        graphs_after_one_run = counters["stats"]["unique_graphs"]
+        second = run(compiled_pipe, config, latents=initial_latents(2), num_inference_steps=4)
+        graphs_after_two_runs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert first.report.cleared.any() and not first.report.cleared.all()  # the gate packed the batch
+    torch.testing.assert_close(first.images, eager.images, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.images, eager.images, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first.report.flag_counts, eager.report.flag_counts)
+    # One graph for the detection call, one for the full layout's other calls, one after the gate packs it.
+    assert graphs_after_one_run <= 3 and graphs_after_two_runs == graphs_after_one_run
