@@ -100,10 +100,8 @@ def build_setup(model: str, seed: int = 0) -> StepSetup:
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)  # fmt: skip
     scheduler.set_timesteps(50, device=device)
-    # Blocks with cross-attention among the published ones (the tiny UNet has no down_blocks.3).
-    names = cross_attention_layers(unet)
-    blocks = tuple(b for b in GuardConfig().blocks if any(n.startswith(b + ".") for n in names))
-    return StepSetup(unet, scheduler, latents, uncond, cond, scheduler.timesteps[0], GuardConfig(blocks=blocks))
+    # The published rule resolves the attenuated blocks on each UNet (blocks=None).
+    return StepSetup(unet, scheduler, latents, uncond, cond, scheduler.timesteps[0], GuardConfig())
 
 
 class EagerGuardAttention:

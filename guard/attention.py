@@ -51,6 +51,14 @@ _REPLACEABLE_PROCESSORS = tuple(
     if hasattr(diffusers_processors, name)
 )
 
+#: IP-Adapter processors: the text attention is exactly the replaceable kind, and the image tokens'
+#: attention (with the processor's own weights) is added to it; GUARD keeps that part as it is.
+_IP_ADAPTER_PROCESSORS = tuple(
+    getattr(diffusers_processors, name)
+    for name in ("IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0")
+    if hasattr(diffusers_processors, name)
+)
+
 CROSS_ATTENTION_SUFFIX = ".attn2"
 _COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the model; names inside carry this prefix
 
@@ -76,13 +84,35 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def default_blocks(layer_names) -> tuple[str, ...]:
+    """The paper's attenuated blocks on a given UNet: every down block with cross-attention, and
+    the mid block (where the image's layout, and with it a memorized image, is decided).
+
+    On SD 1.x / 2.x this is ``down_blocks.0-2`` and ``mid_block`` (down_blocks.3 has no
+    cross-attention). On SDXL it is ``down_blocks.1``, ``down_blocks.2`` and ``mid_block`` with all
+    of their transformer layers (2 and 10 per attention block): the paper chooses blocks, and the
+    released code's "first transformer layer of each attention block" is the same set on SD 1.x /
+    2.x, where every attention block holds one layer; on SDXL it would leave 9 of 10 layers of the
+    deepest blocks plain. Prefixes such as ``down_blocks.2.attentions.0.transformer_blocks.0``
+    select single layers.
+    """
+    tops = dict.fromkeys(name.split(".attentions.")[0] for name in layer_names)
+    chosen = tuple(top for top in tops if top.startswith("down_blocks.") or top == "mid_block")
+    if not chosen:
+        raise ValueError(f"this UNet has no cross-attention in its down or mid blocks (blocks: {list(tops)})")
+    return chosen
+
+
 def select_attenuated_layers(layer_names, blocks) -> tuple[str, ...]:
-    """The ``attn2`` layer names under any of ``blocks``; every prefix must match at least one.
+    """The ``attn2`` layer names under any of ``blocks`` (None: :func:`default_blocks`); every
+    prefix must match at least one.
 
     A prefix that matches nothing is almost always a typo or a UNet with a different layout, and
     silently attenuating fewer layers than asked would change the method without a trace.
     """
     names = list(layer_names)
+    if blocks is None:
+        blocks = default_blocks(names)
     for prefix in blocks:
         if not any(_under(name, prefix) for name in names):
             tops = sorted({name.split(".attentions.")[0] for name in names})
@@ -292,12 +322,20 @@ class GuardCrossAttnProcessor:
         session = guard_session if guard_session is not None else _CURRENT_SESSION.get()
         if encoder_hidden_states is None or session is None or session.installation is not self.installation:
             return self._defer(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
+        ip_states = None
+        if isinstance(self.original, _IP_ADAPTER_PROCESSORS):
+            if kwargs.get("ip_adapter_masks") is not None:
+                raise ValueError(f"{self.name}: GUARD's cross-attention does not support ip_adapter_masks")
+            if not isinstance(encoder_hidden_states, tuple):
+                raise ValueError(f"{self.name}: an IP-Adapter layer needs (text states, image states) as its input")
+            encoder_hidden_states, ip_states = encoder_hidden_states
         attenuate = session.attenuates(self.name)
         modulated = session.token_scale is not None or session.token_bias is not None
         torch_path = session.backend == "torch" or (session.backend == "auto" and not hidden_states.is_cuda)
         if not attenuate and not modulated and torch_path:
             # Plain attention on the PyTorch path: the replaced processor (SDPA) is the same maths, faster.
-            return self._defer(attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs)
+            text = encoder_hidden_states if ip_states is None else (encoder_hidden_states, ip_states)
+            return self._defer(attn, hidden_states, text, attention_mask, temb, args, kwargs)
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -339,6 +377,8 @@ class GuardCrossAttnProcessor:
             hidden_states = self._fused(session, attn, query, key, value, spike_rows, token_bias)
 
         hidden_states = hidden_states.reshape(batch, -1, heads * head_dim).to(query.dtype)
+        if ip_states is not None:
+            hidden_states = hidden_states + self._image_attention(attn, query, ip_states, batch, heads, head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -346,6 +386,23 @@ class GuardCrossAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _image_attention(self, attn, query, ip_states, batch: int, heads: int, head_dim: int) -> torch.Tensor:
+        """The IP-Adapter's part: attention of the same queries over each adapter's image tokens,
+        with the adapter's own key/value weights and scale, as ``IPAdapterAttnProcessor2_0`` adds it."""
+        adapter = self.original
+        q = query.transpose(1, 2)  # (B, H, Nq, D)
+        total = torch.zeros(batch, q.shape[2], heads * head_dim, dtype=query.dtype, device=query.device)
+        for states, scale, to_k, to_v in zip(ip_states, adapter.scale, adapter.to_k_ip, adapter.to_v_ip):
+            if all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0:
+                continue
+            if isinstance(scale, list):
+                raise ValueError(f"{self.name}: GUARD supports one IP-Adapter scale per adapter, got a list {scale}")
+            k = to_k(states).view(batch, -1, heads, head_dim).transpose(1, 2)
+            v = to_v(states).view(batch, -1, heads, head_dim).transpose(1, 2)
+            image = F.scaled_dot_product_attention(q, k, v)
+            total = total + scale * image.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        return total
 
     def _check_rows(self, session: AttenuationSession, spike_rows: SpikeRows, batch: int) -> None:
         if isinstance(spike_rows, slice):
@@ -478,11 +535,11 @@ def _open(unet: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> _Install
             installation = _INSTALLATIONS[unet] = _Installation()
         if installation.sessions == 0:
             for name, module in layers.items():
-                if not isinstance(module.processor, _REPLACEABLE_PROCESSORS):
+                if not isinstance(module.processor, _REPLACEABLE_PROCESSORS + _IP_ADAPTER_PROCESSORS):
                     raise ValueError(
                         f"{name} uses {type(module.processor).__name__}, which GUARD cannot replace without changing"
                         " the model (it carries extra weights or inputs); supported: "
-                        + ", ".join(cls.__name__ for cls in _REPLACEABLE_PROCESSORS)
+                        + ", ".join(cls.__name__ for cls in _REPLACEABLE_PROCESSORS + _IP_ADAPTER_PROCESSORS)
                     )
             installation.originals = {name: module.processor for name, module in layers.items()}
             for name, module in layers.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
@@ -21,6 +21,9 @@ SCHEDULES = ("cosine", "linear", "sine", "constant")
 DETECTORS = ("cosine", "wen", "entropy")
 #: What the gate can decide on: one score, or "linear", a weighted sum of all three (gate_weights).
 GATE_DETECTORS = DETECTORS + ("linear",)
+#: What the default (``blocks=None``: the paper's rule, every down block with cross-attention and
+#: the mid block, resolved on the UNet a run uses; see guard.attention.default_blocks) comes to on
+#: SD 1.x / 2.x.
 DEFAULT_BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block")
 
 #: Number of UNet row groups each method runs per step (unconditional, attenuated, plain prompt).
@@ -53,8 +56,11 @@ class GuardConfig:
     repulsion_schedule: how the repulsion weight decays over the steps.
     spike_threshold, spike_scale: the spike rule's z-score threshold ``tau`` and logit factor
         ``alpha``.
-    blocks: module-name prefixes whose ``attn2`` layers are attenuated; every prefix must match
-        at least one ``attn2`` module of the UNet it is installed on.
+    blocks: module-name prefixes whose ``attn2`` layers are attenuated. None (the default) is the
+        paper's rule, resolved on the UNet a run uses: the down blocks that have cross-attention
+        and the mid block (on SD 1.x / 2.x exactly :data:`DEFAULT_BLOCKS`; on SDXL
+        ``down_blocks.1``, ``down_blocks.2`` and ``mid_block``, every transformer layer in them).
+        Explicit prefixes must each match at least one ``attn2`` module of that UNet.
     orthogonalize, ortho_cos_threshold, ortho_coef_clip: the released code's optional removal of
         the repulsion direction from the attraction direction (in the authors' released code, off in
         the paper's runs).
@@ -82,7 +88,7 @@ class GuardConfig:
     repulsion_schedule: str = "cosine"
     spike_threshold: float = 0.1
     spike_scale: float = 0.3
-    blocks: tuple[str, ...] = field(default=DEFAULT_BLOCKS)
+    blocks: Optional[tuple[str, ...]] = None
     orthogonalize: bool = False
     ortho_cos_threshold: float = 0.9
     ortho_coef_clip: float = 2.0
@@ -178,7 +184,9 @@ class GuardConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-def _validate_blocks(blocks: Any) -> tuple[str, ...]:
+def _validate_blocks(blocks: Any) -> Optional[tuple[str, ...]]:
+    if blocks is None:
+        return None
     if isinstance(blocks, str):
         raise TypeError(
             f"GuardConfig.blocks must be a sequence of module-name prefixes, got the string {blocks!r}; "

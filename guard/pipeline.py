@@ -14,14 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from diffusers.utils import BaseOutput
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
+
+from guard_kernels.validation import real_number
 
 from .config import GuardConfig
 from .report import GuardReport
@@ -31,14 +33,12 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 @dataclass
-class GuardPipelineOutput(BaseOutput):
-    """images: PIL images, a numpy array or a tensor (latents for ``output_type="latent"``);
-    nsfw_content_detected: the safety checker's verdicts (None without one);
-    report: the :class:`~guard.report.GuardReport` of the run."""
+class GuardPipelineOutput(StableDiffusionPipelineOutput):
+    """The parent's output (``images``, ``nsfw_content_detected``) with the run's
+    :class:`~guard.report.GuardReport` as ``report``. With ``return_dict=False`` the pipeline
+    returns the parent's tuple, and the report is ``pipe.guard_report``."""
 
-    images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
-    nsfw_content_detected: Optional[list[bool]]
-    report: GuardReport
+    report: Optional[GuardReport] = None
 
 
 def resolve_config(guard_config, guidance_scale=None) -> GuardConfig:
@@ -61,6 +61,20 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def _deprecated_callback(kwargs: dict):
+    """The parent's deprecated ``callback`` / ``callback_steps``, with its warning; anything else
+    left in ``kwargs`` is an unknown argument."""
+    callback = kwargs.pop("callback", None)
+    callback_steps = kwargs.pop("callback_steps", None)
+    if kwargs:
+        raise TypeError(f"unexpected keyword argument(s): {sorted(kwargs)}")
+    for name, value in (("callback", callback), ("callback_steps", callback_steps)):
+        if value is not None:
+            message = f"Passing `{name}` as an input argument to `__call__` is deprecated, use `callback_on_step_end`"
+            deprecate(name, "1.0.0", message)
+    return callback, callback_steps
 
 
 def _batch_size(prompt, prompt_embeds) -> int:
@@ -107,19 +121,24 @@ class _CallbackEmbeddings:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         negative, positive = self._branches()
-        return {"prompt_embeds": torch.cat([negative, positive]), "negative_prompt_embeds": negative}
+        prompt_embeds = torch.cat([negative, positive]) if self.denoiser.guided else positive
+        return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
 
     def update(self, outputs: dict[str, torch.Tensor]) -> None:
         negative, positive = self._branches()
         if "prompt_embeds" in outputs:
             value = outputs["prompt_embeds"]
-            expected = (2 * positive.shape[0],) + tuple(positive.shape[1:])
-            if tuple(value.shape) != expected:
+            guided = (2 * positive.shape[0],) + tuple(positive.shape[1:])
+            if tuple(value.shape) == guided:
+                negative, positive = value.chunk(2)
+            elif not self.denoiser.guided and tuple(value.shape) == tuple(positive.shape):
+                positive = value  # guidance off (e.g. diffusers' SDCFGCutoffCallback): the prompt's rows only
+            else:
                 raise ValueError(
                     f"callback_on_step_end returned prompt_embeds of shape {tuple(value.shape)}; GUARD takes "
-                    f"cat([negative, positive]) of shape {expected}, as the parent pipeline lays it out"
+                    f"cat([negative, positive]) of shape {guided}, as the parent pipeline lays it out (or, once "
+                    f"guidance is off, the positive rows, {tuple(positive.shape)})"
                 )
-            negative, positive = value.chunk(2)
         if "negative_prompt_embeds" in outputs:
             value = outputs["negative_prompt_embeds"]
             if value.shape != negative.shape:
@@ -158,15 +177,19 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         latents: Optional[torch.Tensor] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
+        ip_adapter_image: Optional[PipelineImageInput] = None,
+        ip_adapter_image_embeds: Optional[list[torch.Tensor]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: Optional[dict[str, Any]] = None,
+        guidance_rescale: float = 0.0,
         clip_skip: Optional[int] = None,
         callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: Optional[list[str]] = None,
         guard_config: Union[GuardConfig, str, None] = None,
         attention_backend: str = "auto",
         detection_steps: int = 1,
+        **kwargs,
     ):
         """Generate images with GUARD, its attenuation-only variant, plain CFG or a related method.
 
@@ -183,12 +206,18 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
             (``report.detection``, see :mod:`guard.detection`) average over; the gate's own
             ``gate_steps`` when that is longer.
 
-        Returns :class:`GuardPipelineOutput` (images, nsfw_content_detected, report), or the tuple
-        ``(images, nsfw_content_detected, report)`` with ``return_dict=False``. The guidance
-        schedule's progress is ``step / number of inference steps``.
+        Returns :class:`GuardPipelineOutput` (a ``StableDiffusionPipelineOutput`` with ``report``),
+        or the parent's tuple ``(images, nsfw_content_detected)`` with ``return_dict=False`` (the
+        report is then ``pipe.guard_report``). The guidance schedule's progress is ``step / number
+        of inference steps``. A callback that changes ``pipeline._guidance_scale`` changes GUARD's
+        attraction scale from the next step on (at 1 or below, as in the parent, guidance stops:
+        one row per image, the prompt's prediction); ``guidance_rescale`` rescales the guided
+        prediction against the plain prompt's, as the parent rescales CFG's.
         """
         # 1. Check everything before any work.
+        callback, callback_steps = _deprecated_callback(kwargs)
         config = resolve_config(guard_config, guidance_scale)
+        guidance_rescale = real_number("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
         _positive_int("num_images_per_prompt", num_images_per_prompt)
         _positive_int("detection_steps", detection_steps)
         if timesteps is None and sigmas is None:
@@ -209,13 +238,13 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         width = width or size_w * self.vae_scale_factor
         batch_size = _batch_size(prompt, prompt_embeds)
         self.check_inputs(
-            prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            None, None, callback_on_step_end_tensor_inputs,
+            prompt, height, width, callback_steps, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         rows = batch_size * num_images_per_prompt
         check_latents(latents, rows, self.unet.config.in_channels, height, width, self.vae_scale_factor)
         self._guidance_scale = config.guidance_scale
-        self._guidance_rescale = 0.0
+        self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
@@ -235,6 +264,13 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
             clip_skip=clip_skip,
         )
         num_keys = prompt_embeds.shape[1]
+        negative, positive = {"encoder_hidden_states": negative_prompt_embeds}, {"encoder_hidden_states": None}
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, rows, True
+            )  # each cat([negative, positive]), as the parent lays it out under CFG
+            negative["added_cond_kwargs"] = {"image_embeds": [embeds.chunk(2)[0] for embeds in image_embeds]}
+            positive["added_cond_kwargs"] = {"image_embeds": [embeds.chunk(2)[1] for embeds in image_embeds]}
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
@@ -258,10 +294,9 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
                 images=rows,
                 session=session,
                 detection_steps=detection_steps,
+                guidance_rescale=guidance_rescale,
             )
-            denoiser.set_conditioning(
-                {"encoder_hidden_states": negative_prompt_embeds}, {"encoder_hidden_states": prompt_embeds}
-            )
+            denoiser.set_conditioning(negative, {**positive, "encoder_hidden_states": prompt_embeds})
             latents = self._guard_denoise(
                 denoiser,
                 latents,
@@ -272,10 +307,13 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
                 callback_on_step_end=callback_on_step_end,
                 callback_tensor_inputs=callback_on_step_end_tensor_inputs,
                 callback_embeddings=_CallbackEmbeddings(denoiser),
+                callback=callback,
+                callback_steps=callback_steps,
             )
 
         # 4. The report (the run's one host transfer of its records), then decoding.
         report = self._guard_report(config, prompt, batch_size, num_images_per_prompt, num_keys, session, denoiser)
+        self.guard_report = report
         if output_type != "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
@@ -286,5 +324,5 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         self.maybe_free_model_hooks()
 
         if not return_dict:
-            return image, has_nsfw_concept, report
+            return image, has_nsfw_concept
         return GuardPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, report=report)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from .attention import AttenuationSession, attenuate_cross_attention
 from .config import GuardConfig
@@ -27,17 +28,22 @@ from .report import GuardReport, position_labels, token_labels
 
 
 def _stack(parts: list):
-    """Concatenate branch conditionings along the batch: tensors, or dicts of them (SDXL's added kwargs)."""
+    """Concatenate branch conditionings along the batch: tensors, or dicts and lists of them
+    (SDXL's added conditioning, IP-Adapter image embeddings)."""
     first = parts[0]
     if isinstance(first, dict):
         return {key: _stack([part[key] for part in parts]) for key in first}
+    if isinstance(first, list):
+        return [_stack([part[i] for part in parts]) for i in range(len(first))]
     return torch.cat(parts)
 
 
 def _take(value, index: torch.Tensor):
-    """The rows ``index`` of a conditioning (tensor, or dict of them)."""
+    """The rows ``index`` of a conditioning (tensor, or dicts and lists of them)."""
     if isinstance(value, dict):
         return {key: _take(item, index) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_take(item, index) for item in value]
     return value.index_select(0, index)
 
 
@@ -64,8 +70,11 @@ class GuardDenoiser:
         images: int,
         session: Optional[AttenuationSession] = None,
         detection_steps: int = 1,
+        guidance_rescale: float = 0.0,
     ) -> None:
         self.config = config
+        self.guidance_rescale = guidance_rescale
+        self.guided = True  # False once a callback switches guidance off (guidance scale <= 1)
         self.total_steps = total_steps
         self.order = order
         self.images = images
@@ -77,6 +86,7 @@ class GuardDenoiser:
         self.norms: list[torch.Tensor] = []  # per UNet call: (3, images) on the device
         self.scores = ScoreAccumulator()
         self.calls = 0
+        self.guided_calls = 0  # UNet calls before a callback switched guidance off (all of them otherwise)
         self.rows_per_call: list[int] = []  # the UNet batch of each call (host ints, known without a sync)
         self._negative = self._positive = None
         self._stacked = None
@@ -84,6 +94,20 @@ class GuardDenoiser:
     def schedule_index(self, call_index: int) -> int:
         """The inference step a UNet call belongs to (its position in the guidance schedule)."""
         return min(call_index // self.order, self.total_steps - 1)
+
+    def set_guidance_scale(self, scale: float) -> None:
+        """Follow a guidance scale a callback set (as diffusers' callbacks do through
+        ``pipeline._guidance_scale``): a new scale from the next UNet call on, and at 1 or below no
+        guidance at all, as in the parent pipeline: one row per image, the prompt's prediction."""
+        if not self.guided or scale == self.config.guidance_scale:
+            return
+        if scale <= 1.0:
+            self.guided = False
+            self._stacked = None
+            if self.session is not None:
+                self.session.spike_rows = None
+        else:
+            self.config = self.config.replace(guidance_scale=scale)
 
     def set_conditioning(self, negative: dict[str, Any], positive: dict[str, Any]) -> None:
         """The UNet's conditioning per branch, each with one row per image: ``negative`` feeds the
@@ -98,7 +122,9 @@ class GuardDenoiser:
     def _unet_inputs(self) -> dict[str, Any]:
         if self._stacked is None:
             negative, positive = self._negative, self._positive
-            if self.config.branches == 2:
+            if not self.guided:
+                parts = [positive]
+            elif self.config.branches == 2:
                 parts = [negative, positive]
             elif self.flagged is None:
                 parts = [negative, positive, positive]
@@ -108,6 +134,8 @@ class GuardDenoiser:
         return self._stacked
 
     def _model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return latents
         if self.config.branches == 2:
             return torch.cat([latents, latents])
         if self.flagged is None:
@@ -145,6 +173,11 @@ class GuardDenoiser:
         )[0]
         if read_mass:
             session.mass_rows = None
+        if not self.guided:  # guidance switched off: the prompt's own prediction
+            off = torch.zeros(3, n, device=latents.device)
+            self.norms.append(off.index_fill_(0, torch.tensor([2], device=latents.device), float("nan")))
+            self.calls += 1
+            return scheduler.step(noise_pred, timestep, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
         if config.method == "guard":
             eps_u, eps_neg = noise_pred[:n], noise_pred[noise_pred.shape[0] - n :]
             if self.flagged is None:
@@ -176,6 +209,10 @@ class GuardDenoiser:
                 timestep=timestep,
                 return_norms=True,
             )
+        self.guided_calls += 1
+        if self.guidance_rescale > 0:  # Lin et al. 2024, sec. 3.4, against the plain prompt's prediction
+            plain = noise_pred[noise_pred.shape[0] - n :]
+            guided = rescale_noise_cfg(guided, plain, guidance_rescale=self.guidance_rescale)
         self.norms.append(torch.stack(tuple(norms)))
         self.calls += 1
         return scheduler.step(guided, timestep, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
@@ -283,12 +320,15 @@ class GuardSamplingMixin:
         callback_on_step_end: Optional[Callable],
         callback_tensor_inputs: list[str],
         callback_embeddings=None,
+        callback: Optional[Callable] = None,
+        callback_steps: Optional[int] = None,
     ) -> torch.Tensor:
         """The denoising loop; returns the final latents.
 
         ``callback_tensor_inputs`` are the names the callback asked for; ``callback_embeddings``
         (the pipeline's: ``tensors()`` and ``update(outputs)``) shows it the conditioning in the
         parent pipeline's layout and takes its changes back, so they reach the next UNet call.
+        ``callback`` / ``callback_steps``: the parent's deprecated per-step callback.
         """
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         if denoiser.session is not None:  # the session reaches the processors as a call argument
@@ -305,10 +345,13 @@ class GuardSamplingMixin:
                     requested = {name: available[name] for name in callback_tensor_inputs}
                     outputs = dict(callback_on_step_end(self, i, t, requested) or {})
                     latents = outputs.pop("latents", latents)
+                    denoiser.set_guidance_scale(self._guidance_scale)  # a callback may change it, as in the parent
                     if callback_embeddings is not None:
                         callback_embeddings.update(outputs)
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
         return latents
 
     def _guard_report(
@@ -343,7 +386,7 @@ class GuardSamplingMixin:
                 flag_counts = stacked.sum(dim=2).permute(1, 0, 2).contiguous()
         repulsion = [
             repulsion_weight(denoiser.schedule_index(i), denoiser.total_steps, config)
-            if config.method == "guard"
+            if config.method == "guard" and i < denoiser.guided_calls
             else 0.0
             for i in range(steps_run)
         ]

@@ -10,6 +10,7 @@ from guard.attention import (
     GuardCrossAttnProcessor,
     attenuate_cross_attention,
     cross_attention_layers,
+    default_blocks,
     select_attenuated_layers,
 )
 from guard.config import GuardConfig
@@ -28,6 +29,24 @@ def _inputs(batch=3, seed=0):
     latents = torch.randn(batch, 4, 8, 8, generator=generator)
     text = torch.randn(batch, 77, 32, generator=generator)
     return latents, torch.tensor(500), text
+
+
+def test_the_default_blocks_are_the_paper_rule_on_each_layout(unet):
+    """Down blocks with cross-attention and the mid block: SD 1.x's published set, SDXL's first two
+    cross-attention down blocks (its down_blocks.0 has none)."""
+    layer = "{}.attentions.{}.transformer_blocks.{}.attn2"
+    sd = [layer.format(*where) for where in (("down_blocks.0", 0, 0), ("down_blocks.2", 1, 0), ("down_blocks.1", 0, 0),
+                                             ("mid_block", 0, 0), ("up_blocks.1", 0, 0))]  # fmt: skip
+    assert default_blocks(sd) == ("down_blocks.0", "down_blocks.2", "down_blocks.1", "mid_block")
+    sdxl = [layer.format(f"down_blocks.{b}", a, t) for b, n in ((1, 2), (2, 10)) for a in range(2) for t in range(n)]
+    sdxl += [layer.format("mid_block", 0, t) for t in range(10)]
+    assert default_blocks(sdxl) == ("down_blocks.1", "down_blocks.2", "mid_block")
+    assert len(select_attenuated_layers(sdxl, None)) == len(sdxl) == 2 * 2 + 2 * 10 + 10
+    with pytest.raises(ValueError, match="no cross-attention in its down or mid blocks"):
+        default_blocks(["up_blocks.0.attentions.0.transformer_blocks.0.attn2"])
+    assert set(select_attenuated_layers(cross_attention_layers(unet), None)) == set(
+        select_attenuated_layers(cross_attention_layers(unet), CHOSEN)
+    )
 
 
 def test_layer_selection(unet):

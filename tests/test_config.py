@@ -15,7 +15,8 @@ def test_defaults_are_the_published_guard_run():
     assert config.method == "guard"
     assert (config.guidance_scale, config.repulsion_scale, config.repulsion_schedule) == (7.5, 2.0, "cosine")
     assert (config.spike_threshold, config.spike_scale) == (0.1, 0.3)
-    assert config.blocks == ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block") == DEFAULT_BLOCKS
+    assert config.blocks is None  # the paper's rule, resolved on the UNet (tests/test_attention.py)
+    assert DEFAULT_BLOCKS == ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block")
     assert config.orthogonalize is False
     assert (config.ortho_cos_threshold, config.ortho_coef_clip) == (0.9, 2.0)
     assert config.branches == 3

@@ -11,7 +11,7 @@ import torch
 from sampler_utils import PROMPTS, initial_latents, relative_error, tiny_components
 
 from guard.attention import cross_attention_layers
-from guard.config import GuardConfig
+from guard.config import DEFAULT_BLOCKS, GuardConfig
 from guard.detection import DetectionScores, attention_entropy, detect, is_cleared, wen_score
 from guard.pipeline import StableDiffusionGuardPipeline
 
@@ -80,7 +80,7 @@ def test_first_step_scores_equal_independent_computations(pipe):
 
     # Entropy: the plain rows' query-mean attention in GUARD's attenuated layers, recorded eagerly.
     layers = cross_attention_layers(pipe.unet)
-    chosen = [name for name in layers if name.startswith(config.blocks)]
+    chosen = [name for name in layers if name.startswith(DEFAULT_BLOCKS)]
     recorders = {name: QueryMeanAttention() for name in chosen}
     originals = {name: layers[name].processor for name in chosen}
     for name in chosen:

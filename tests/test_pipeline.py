@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from sampler_utils import (
     PROMPTS,
     eager_guard_latents,
@@ -258,8 +259,10 @@ def test_output_types(tiny):
     assert len(images) == 2 and isinstance(images[0], PIL.Image.Image) and images[0].size == (16, 16)
     array = run(pipe, GuardConfig(), output_type="np").images
     assert array.shape == (2, 16, 16, 3)
-    images, nsfw, report = run(pipe, GuardConfig(), output_type="pt", return_dict=False)
-    assert images.shape == (2, 3, 16, 16) and nsfw is None and isinstance(report, GuardReport)
+    out = run(pipe, GuardConfig(), output_type="pt")
+    assert isinstance(out, StableDiffusionPipelineOutput) and isinstance(out.report, GuardReport)
+    images, nsfw = run(pipe, GuardConfig(), output_type="pt", return_dict=False)  # the parent's tuple
+    assert images.shape == (2, 3, 16, 16) and nsfw is None and isinstance(pipe.guard_report, GuardReport)
 
 
 @pytest.mark.parametrize(
