@@ -1,7 +1,6 @@
 """The resumable evaluation runner, with a fake image generator and stand-in scorers; its results feed the table."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from guard.evaluation import (
     PromptRecord,
     SSCDScorer,
     evaluate_prompts,
-    pipeline_generate_fn,
     rescore,
 )
 from guard.evaluation.__main__ import main as cli_main
@@ -198,25 +196,6 @@ def test_rescore_recomputes_from_the_saved_images(tmp_path):
     assert read_rows(tmp_path) == rows
     with pytest.raises(ValueError, match="rescore needs"):
         rescore(tmp_path)
-
-
-def test_pipeline_generate_fn_seeds_a_generator_and_passes_the_config():
-    seen = {}
-
-    def pipe(prompt, **kwargs):
-        seen.update(kwargs, prompt=prompt, seed=kwargs["generator"].initial_seed())
-        return SimpleNamespace(images=[Image.new("RGB", (4, 4))] * kwargs["num_images_per_prompt"])
-
-    config = object()
-    images = pipeline_generate_fn(pipe, num_inference_steps=50)("a cat", config, 11, 3)
-    assert len(images) == 3
-    assert (seen["prompt"], seen["guard_config"], seen["seed"], seen["num_images_per_prompt"]) == (
-        "a cat",
-        config,
-        11,
-        3,
-    )
-    assert seen["num_inference_steps"] == 50
 
 
 def test_end_to_end_run_and_command_line_table(tmp_path, capsys):
