@@ -126,6 +126,28 @@ def test_run_scores_summarises_and_resumes_without_redoing_work(tiny_folder, tmp
     assert "other generation settings (steps 2 -> 3); use a new out_dir" in capsys.readouterr().err
 
 
+def test_a_run_without_sscd_records_its_rows_and_rescore_adds_sscd_later(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", tiny_folder, "--prompts", NEMO_CSV, "--limit", 2, "--methods", "cfg,attenuation"]
+    assert _run(*argv, "--images", 1, "--steps", 1, "--out", out) == 0
+    assert "SSCD: not scored in this run" in capsys.readouterr().out
+    assert len(read_rows(out)) == 4 and all("sscd" not in row for row in read_rows(out))
+    truth = tmp_path / "truth"
+    (truth / "222").mkdir(parents=True)  # a template prompt: several ground truths in a folder
+    Image.new("RGB", (20, 20), (200, 40, 40)).save(truth / "111.png")
+    for i, colour in enumerate(((40, 200, 40), (40, 40, 200))):
+        Image.new("RGB", (20, 20), colour).save(truth / "222" / f"{i}.png")
+    sscd = _script(MeanColour(), tmp_path / "sscd.pt")
+    rescore = ["rescore", str(out), "--sscd", str(sscd), "--ground-truth", str(truth), "--threshold", "-1"]
+    assert main([*rescore, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = read_rows(out)
+    assert all(isinstance(row["sscd"], float) and len(row["sscd_per_image"]) == 1 for row in rows)
+    assert "Prompts: those whose `cfg` SSCD exceeds -1.0: 2 of 2 prompts (verbatim 1 of 1, template 1 of 1)." in printed
+    assert main(["rescore", str(tmp_path / "absent"), "--clip"]) == 2
+    assert "absent has no finished rows to rescore" in capsys.readouterr().err
+
+
 def test_batched_and_one_by_one_runs_save_the_same_images(tiny_folder, prompt_file, tmp_path, capsys):
     common = ["--model", tiny_folder, "--prompts", prompt_file, "--methods", "guard,somepalli", "--images", 2]
     common += ["--seeds", "0,1", "--steps", 2]
@@ -256,6 +278,27 @@ def test_accelerate_launch_is_killed_mid_run_and_resumes_with_every_row_once(tin
     assert len(part.read_text().splitlines()) > 1  # the killed process's part resumed
     assert not (out / "results.jsonl").exists()
     assert "| guard | unlabelled | 3 |" in resumed.stdout and (out / "summary.md").read_text() == resumed.stdout
+
+
+def test_a_single_process_killed_mid_run_resumes_with_nothing_lost_or_duplicated(tiny_folder, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--model", tiny_folder, "--prompts", prompt_file, "--methods", "cfg,guard", "--images", 2, "--steps", 1]
+    argv += ["--out", out, "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GUARD_EVALUATION_KILL_BEFORE_ROW": "0:2", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    killed = subprocess.run(
+        [sys.executable, "-m", "guard.evaluation", "run", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL before appending its third row
+    assert [(row["key"], row["method"]) for row in read_rows(out)] == [("row0", "cfg"), ("row0", "guard")]
+    assert (out / "images" / "cfg" / "row1" / "s0_1.png").is_file()  # the killed row's images, without its row
+    assert _run(*argv) == 0
+    pairs = [(row["key"], row["method"]) for row in read_rows(out)]
+    assert sorted(pairs) == sorted((f"row{i}", m) for i in range(3) for m in ("cfg", "guard"))
 
 
 def test_a_user_error_under_the_module_has_no_traceback(tiny_folder, prompt_file, tmp_path):

@@ -198,6 +198,29 @@ def test_rescore_recomputes_from_the_saved_images(tmp_path):
         rescore(tmp_path)
 
 
+def test_rescore_keeps_each_row_in_the_file_of_the_process_that_wrote_it(tmp_path):
+    from guard.evaluation.sharding import Shard
+
+    evaluate_prompts(
+        FakeGenerator(), PROMPTS[:2], {"copy": "copy-setting"}, out_dir=tmp_path, num_images=1, progress=False
+    )
+    evaluate_prompts(
+        FakeGenerator(),
+        PROMPTS[:4],
+        {"copy": "copy-setting"},
+        out_dir=tmp_path,
+        num_images=1,
+        progress=False,
+        shard=Shard(1, 2),
+    )  # the second process of a launch whose first process did nothing: it takes the second of the two missing
+    part = tmp_path / "parts" / "rank-1.jsonl"
+    assert [json.loads(line)["key"] for line in part.read_text().splitlines()] == ["4"]
+    rows = rescore(tmp_path, sscd=SSCDScorer(MeanColour()), ground_truth=ground_truth_all_red(), progress=False)
+    assert [row["key"] for row in rows] == ["1", "2", "4"] and all(row["sscd"] == pytest.approx(1.0) for row in rows)
+    assert [json.loads(line)["sscd"] for line in part.read_text().splitlines()] == [pytest.approx(1.0)]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
 def test_end_to_end_run_and_command_line_table(tmp_path, capsys):
     evaluate_prompts(
         FakeGenerator(),

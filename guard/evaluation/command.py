@@ -16,6 +16,7 @@ a finished run from its saved images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -113,6 +114,10 @@ def add_rescore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-model", default=None)
     parser.add_argument("--clip-pretrained", default=None)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument(
+        "--baseline", default="cfg", help="filter the table on this method's SSCD > --threshold (default cfg; 'none')"
+    )
+    parser.add_argument("--threshold", type=float, default=0.7, help="SSCD threshold of the filter (default 0.7)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -194,6 +199,25 @@ def load_model(model: str, device, dtype, *, scheduler: str = "ddim", safety_che
     return pipe.to(device)
 
 
+@contextlib.contextmanager
+def _loading_bars(shown: bool):
+    """diffusers' and transformers' loading bars off while loading, when progress bars are off."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    if not shown:
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before[0]:
+            diffusers_logging.enable_progress_bar()
+        if before[1]:
+            transformers_logging.enable_progress_bar()
+
+
 def _ground_truth(records, where: str, note):
     from .ground_truth import find_ground_truth
 
@@ -228,15 +252,23 @@ def _scorers(args, records, device, note):
     return sscd, truth, clip
 
 
-def _fid_inputs(args, device):
-    """The FID network and reference images, checked before any generation (computed after it)."""
+def _fid_inputs(args, device, load: bool = True):
+    """The FID network and reference images, checked before any generation (FID is computed after it).
+
+    ``load=False`` (processes other than the first, which alone computes FID) checks the files only.
+    """
     if args.fid is None and args.fid_model is None:
         return None
     if args.fid is None or args.fid_model is None:
         raise CommandError("--fid REFERENCE_DIR and --fid-model FILE go together (Inception is never downloaded)")
     from .fid import load_feature_network, reference_images
 
-    return load_feature_network(args.fid_model, device=device), reference_images(args.fid)
+    references = reference_images(args.fid)
+    if not load:
+        if not Path(args.fid_model).expanduser().is_file():
+            raise CommandError(f"FID feature network {args.fid_model} not found")
+        return None, references
+    return load_feature_network(args.fid_model, device=device), references
 
 
 def _baseline(args, methods) -> str | None:
@@ -276,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, shard.device)
     dtype = resolve_dtype(args.dtype, device)
     sscd, truth, clip = _scorers(args, records, device, note)
-    fid = _fid_inputs(args, device)
+    fid = _fid_inputs(args, device, load=shard.is_main)
     missing = [
         text
         for text, given in (
@@ -288,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if missing:
         note("not scored in this run: " + "; ".join(missing))
-    pipe = load_model(args.model, device, dtype, scheduler=args.scheduler, safety_checker=args.safety_checker)
+    with _loading_bars(not args.no_progress):
+        pipe = load_model(args.model, device, dtype, scheduler=args.scheduler, safety_checker=args.safety_checker)
     is_local = Path(args.model).expanduser().exists()
     settings = {
         "model": str(Path(args.model).expanduser().resolve()) if is_local else args.model,
@@ -351,12 +384,12 @@ def _ordered_methods(out_dir, methods) -> list[str]:
 
 
 def rescore_command(args: argparse.Namespace) -> int:
-    """Add or recompute SSCD / CLIP for every row of a run from its saved images."""
+    """Add or recompute SSCD / CLIP for every row of a run from its saved images, then print the table."""
     from .runner import record_of_row, rescore
     from .summary import summarise
 
     out_dir = Path(args.out_dir)
-    rows = _run_rows(out_dir)
+    rows = _run_rows(out_dir) if out_dir.is_dir() else []
     if not rows:
         raise CommandError(f"{out_dir} has no finished rows to rescore")
     records = list({row["key"]: record_of_row(row) for row in rows}.values())
@@ -364,8 +397,10 @@ def rescore_command(args: argparse.Namespace) -> int:
     sscd, truth, clip = _scorers(args, records, device, lambda text: print(f"{PROG} rescore: {text}", file=sys.stderr))
     if sscd is None and clip is None:
         raise CommandError("rescore needs --sscd FILE --ground-truth DIR and/or --clip")
-    rescore(out_dir, sscd=sscd, ground_truth=truth, clip=clip, progress=not args.no_progress)
-    sys.stdout.write(summarise(out_dir, write=True))
+    rows = rescore(out_dir, sscd=sscd, ground_truth=truth, clip=clip, progress=not args.no_progress)
+    scored = any(row["method"] == args.baseline and row.get("sscd") is not None for row in rows)
+    baseline = args.baseline if args.baseline != "none" and scored else None
+    sys.stdout.write(summarise(out_dir, baseline=baseline, threshold=args.threshold))
     return 0
 
 

@@ -18,7 +18,9 @@ Where a list is read from (:func:`list_path`): an explicit ``data_dir``, which m
 ``$GUARD_DATA_DIR`` if set and holding it; else the copy in ``guard/evaluation/data`` (see its
 README.md for sources, commits and licences); else a FileNotFoundError naming where to get it.
 The paper's splits: :func:`select_kind` (verbatim = one ground-truth image, template = several) and
-:func:`select_above` (only prompts whose unmitigated SSCD exceeds 0.7 are scored).
+:func:`select_above` (only prompts whose unmitigated SSCD exceeds 0.7 are scored). :data:`PROMPT_SETS`
+names the lists and their splits for command lines (``sd1-verbatim``, ``sd2-template``, ...);
+:func:`load_prompts` takes such a name or a file in any of the formats above.
 """
 
 from __future__ import annotations

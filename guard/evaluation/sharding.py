@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
 T = TypeVar("T")
+
+#: How long a process waits for the others at a barrier (a failed process ends the launch sooner:
+#: accelerate's launcher stops every process when one fails).
+BARRIER_TIMEOUT = timedelta(hours=6)
 
 
 def _no_wait() -> None:
@@ -61,7 +66,10 @@ def current_shard() -> Shard:
             f"WORLD_SIZE={world}: a multi-process launch needs accelerate (pip install 'guard[distributed]')"
         ) from None
     # Without a GPU, accelerate's launcher starts torchrun workers that must be told to use gloo on the CPU.
-    state = PartialState(cpu=_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    # The processes wait for each other after loading the model and after their share of the work; the
+    # default 10-30 min collective timeout could end a healthy run whose processes load or finish far apart.
+    cpu = _flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
     device = torch.device("cpu") if state.device is None or state.device.type == "cpu" else state.device
     return Shard(state.process_index, state.num_processes, state.wait_for_everyone, device)
 
