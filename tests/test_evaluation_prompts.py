@@ -35,6 +35,7 @@ from guard.evaluation.prompts import (
     SHIPPED_DIR,
     SHIPPED_LISTS,
     load_nemo_csv,
+    load_prompts,
     load_text_lines,
     load_webster_jsonl,
 )
@@ -168,9 +169,13 @@ def test_guard_data_dir_comes_before_the_shipped_copy(monkeypatch):
     assert resolve_data_dir() == LISTS
     assert {name: len(load_prompt_set(name)) for name in PROMPT_SETS} == {
         "sd1-memorized": 4,
+        "sd1-verbatim": 2,
+        "sd1-template": 2,
         "nemo-memorized": 4,
         "nemo-unmemorized": 2,
         "sd2-memorized": 5,
+        "sd2-verbatim": 2,
+        "sd2-template": 1,
         "sd1-nonmemorized": 3,
     }
     monkeypatch.setenv(DATA_DIR_ENV, str(BAD))  # holds none of the lists
@@ -218,8 +223,21 @@ def test_sdv1_join_requires_every_prompt_in_the_csv():
 def test_prompt_sets_by_name():
     assert load_prompt_set("sd2-memorized", LISTS) == load_sd2_memorized(LISTS)
     assert load_prompt_set("sd1-nonmemorized", LISTS) == load_sd1_nonmemorized(LISTS)
+    assert load_prompt_set("sd2-template", LISTS) == select_kind(load_sd2_memorized(LISTS), "template")
+    assert [r.kind for r in load_prompt_set("sd1-verbatim")] == ["verbatim"] * len(load_prompt_set("sd1-verbatim"))
+    assert len(load_prompt_set("sd1-verbatim")) + len(load_prompt_set("sd1-template")) == 500
     with pytest.raises(ValueError, match="unknown prompt set"):
         load_prompt_set("laion-everything")
+
+
+def test_prompts_by_name_or_by_file_format(tmp_path):
+    assert load_prompts("sd1-template", LISTS) == load_prompt_set("sd1-template", LISTS)
+    assert load_prompts(LISTS / NEMO_MEMORIZED) == load_nemo_csv(LISTS / NEMO_MEMORIZED)
+    assert load_prompts(str(LISTS / SD2_MEMORIZED)) == load_webster_jsonl(LISTS / SD2_MEMORIZED)
+    (tmp_path / "mine.txt").write_text("a cat\n\na dog\n", encoding="utf-8")
+    assert [(r.caption, r.key) for r in load_prompts(tmp_path / "mine.txt")] == [("a cat", "row0"), ("a dog", "row1")]
+    with pytest.raises(FileNotFoundError, match="neither a prompt set .*sd1-verbatim.* nor a file"):
+        load_prompts("sd1-everything")
 
 
 # ---------------------------------------------------------------- parsing, on the fixture files

@@ -1,7 +1,6 @@
 """The resumable evaluation runner, with a fake image generator and stand-in scorers; its results feed the table."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from guard.evaluation import (
     PromptRecord,
     SSCDScorer,
     evaluate_prompts,
-    pipeline_generate_fn,
     rescore,
 )
 from guard.evaluation.__main__ import main as cli_main
@@ -200,23 +198,27 @@ def test_rescore_recomputes_from_the_saved_images(tmp_path):
         rescore(tmp_path)
 
 
-def test_pipeline_generate_fn_seeds_a_generator_and_passes_the_config():
-    seen = {}
+def test_rescore_keeps_each_row_in_the_file_of_the_process_that_wrote_it(tmp_path):
+    from guard.evaluation.sharding import Shard
 
-    def pipe(prompt, **kwargs):
-        seen.update(kwargs, prompt=prompt, seed=kwargs["generator"].initial_seed())
-        return SimpleNamespace(images=[Image.new("RGB", (4, 4))] * kwargs["num_images_per_prompt"])
-
-    config = object()
-    images = pipeline_generate_fn(pipe, num_inference_steps=50)("a cat", config, 11, 3)
-    assert len(images) == 3
-    assert (seen["prompt"], seen["guard_config"], seen["seed"], seen["num_images_per_prompt"]) == (
-        "a cat",
-        config,
-        11,
-        3,
+    evaluate_prompts(
+        FakeGenerator(), PROMPTS[:2], {"copy": "copy-setting"}, out_dir=tmp_path, num_images=1, progress=False
     )
-    assert seen["num_inference_steps"] == 50
+    evaluate_prompts(
+        FakeGenerator(),
+        PROMPTS[:4],
+        {"copy": "copy-setting"},
+        out_dir=tmp_path,
+        num_images=1,
+        progress=False,
+        shard=Shard(1, 2),
+    )  # the second process of a launch whose first process did nothing: it takes the second of the two missing
+    part = tmp_path / "parts" / "rank-1.jsonl"
+    assert [json.loads(line)["key"] for line in part.read_text().splitlines()] == ["4"]
+    rows = rescore(tmp_path, sscd=SSCDScorer(MeanColour()), ground_truth=ground_truth_all_red(), progress=False)
+    assert [row["key"] for row in rows] == ["1", "2", "4"] and all(row["sscd"] == pytest.approx(1.0) for row in rows)
+    assert [json.loads(line)["sscd"] for line in part.read_text().splitlines()] == [pytest.approx(1.0)]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
 
 
 def test_end_to_end_run_and_command_line_table(tmp_path, capsys):

@@ -34,8 +34,8 @@ def _package_digest() -> str:
 
 def test_a_small_run_writes_only_into_its_folder_and_measures_the_shipped_default(tmp_path, capsys):
     before = _package_digest()
-    out = tmp_path / "study"
-    assert main(["--out", str(out), "--seeds", "1", "--steps", "1", "--plain", "1"]) == 0
+    out, runs = tmp_path / "study", tmp_path / "runs"
+    assert main(["--out", str(out), "--seeds", "1", "--steps", "1", "--plain", "1", "--runs", str(runs)]) == 0
     assert _package_digest() == before  # the installed weights and their recorded default are untouched
     assert {p.name for p in out.iterdir()} == {
         "testbed_efficacy.md",
@@ -45,3 +45,6 @@ def test_a_small_run_writes_only_into_its_folder_and_measures_the_shipped_defaul
     report = (out / "testbed_efficacy.md").read_text()
     assert "| GUARD (testbed default) |" in report and "gate=" in report  # the recorded setting, with its gate
     assert "GUARD (testbed default)" in capsys.readouterr().out
+    kept = {path.name for path in runs.iterdir()}  # each setting's run directory, in guard.evaluation's layout
+    assert {"cfg", "guard-published", "guard-testbed-default", "somepalli-preset"} <= kept
+    assert (runs / "cfg" / "results.jsonl").read_text().count("\n") == 5 + 1  # memorized items + plain prompt

@@ -4,12 +4,18 @@ prompts: the public memorized-prompt lists as typed records (NeMo's lists ship i
     others load from a folder), verbatim/template splits and the "unmitigated SSCD > 0.7" filter.
 ground_truth: the user's training images by LAION index.
 sscd / clip_score: the two image metrics (model files supplied by the user, never downloaded).
-stats: mean with a 95% interval. runner: resumable generation and scoring of (prompt, method)
-    pairs. summary: the paper-style markdown table. FID is out of scope.
+scorers: the runner's one scorer interface (name + score(prompt record, images) -> row fields).
+fid: FID per method against reference images (torchmetrics, a TorchScript Inception the user names).
+stats: mean with a 95% interval. generation: one seeded generator per image, batched pipeline calls.
+runner: resumable generation and scoring of (prompt, method) pairs; sharding: multi-process launches.
+results: the run directory's files. summary: the paper-style markdown table.
+command / ``python -m guard.evaluation``: run, rescore, summarise.
 """
 
 from .clip_score import ClipScorer, prompt_clip_score
 from .embeddings import PromptScore, l2_normalize
+from .fid import FIDScorer, fid_by_method, frechet_distance, load_feature_network
+from .generation import Generation, PipelineGenerator, image_seed
 from .ground_truth import GroundTruth, MissingGroundTruthError, find_ground_truth, open_images
 from .prompts import (
     DATA_DIR_ENV,
@@ -20,7 +26,9 @@ from .prompts import (
     list_path,
     load_nemo_memorized,
     load_nemo_unmemorized,
+    load_prompt_file,
     load_prompt_set,
+    load_prompts,
     load_sd1_nonmemorized,
     load_sd2_memorized,
     load_sdv1_memorized,
@@ -32,6 +40,8 @@ from .prompts import (
     split_by_kind,
 )
 from .runner import evaluate_prompts, pipeline_generate_fn, rescore
+from .scorers import Scorer, clip_scorer, sscd_scorer
+from .sharding import Shard, current_shard
 from .sscd import SSCDScorer, prompt_sscd
 from .sscd import preprocess as sscd_preprocess
 from .stats import Interval, mean_interval, student_t_quantile
@@ -43,21 +53,34 @@ __all__ = [
     "LIST_SOURCES",
     "PROMPT_SETS",
     "ClipScorer",
+    "FIDScorer",
+    "Generation",
     "GroundTruth",
     "Interval",
     "MissingGroundTruthError",
     "PromptRecord",
+    "PipelineGenerator",
     "PromptScore",
     "SSCDScorer",
+    "Scorer",
+    "Shard",
     "SummaryRow",
+    "clip_scorer",
+    "current_shard",
     "evaluate_prompts",
+    "fid_by_method",
     "find_ground_truth",
     "format_markdown",
+    "frechet_distance",
+    "image_seed",
     "l2_normalize",
     "list_path",
+    "load_feature_network",
     "load_nemo_memorized",
     "load_nemo_unmemorized",
+    "load_prompt_file",
     "load_prompt_set",
+    "load_prompts",
     "load_sd1_nonmemorized",
     "load_sd2_memorized",
     "load_sdv1_memorized",
@@ -75,6 +98,7 @@ __all__ = [
     "select_kind",
     "split_by_kind",
     "sscd_preprocess",
+    "sscd_scorer",
     "student_t_quantile",
     "summarise",
     "summary_rows",

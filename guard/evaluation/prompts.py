@@ -18,7 +18,9 @@ Where a list is read from (:func:`list_path`): an explicit ``data_dir``, which m
 ``$GUARD_DATA_DIR`` if set and holding it; else the copy in ``guard/evaluation/data`` (see its
 README.md for sources, commits and licences); else a FileNotFoundError naming where to get it.
 The paper's splits: :func:`select_kind` (verbatim = one ground-truth image, template = several) and
-:func:`select_above` (only prompts whose unmitigated SSCD exceeds 0.7 are scored).
+:func:`select_above` (only prompts whose unmitigated SSCD exceeds 0.7 are scored). :data:`PROMPT_SETS`
+names the lists and their splits for command lines (``sd1-verbatim``, ``sd2-template``, ...);
+:func:`load_prompts` takes such a name or a file in any of the formats above.
 """
 
 from __future__ import annotations
@@ -353,12 +355,25 @@ def load_sd1_nonmemorized(data_dir: str | os.PathLike | None = None) -> list[Pro
     return load_text_lines(list_path(SD1_NONMEMORIZED, data_dir))
 
 
-#: Loaders by prompt-set name, for command lines and configuration files.
+def _of_kind(loader: Callable[..., list[PromptRecord]], kind: str) -> Callable[..., list[PromptRecord]]:
+    def load(data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
+        return select_kind(loader(data_dir), kind)
+
+    load.__doc__ = f"The {kind} prompts of :func:`{loader.__name__}` (the paper's split)."
+    return load
+
+
+#: Loaders by prompt-set name, for command lines and configuration files. The ``-verbatim`` and
+#: ``-template`` sets are the paper's splits of a memorized list (one ground truth vs several).
 PROMPT_SETS: Mapping[str, Callable[..., list[PromptRecord]]] = {
     "sd1-memorized": load_sdv1_memorized,
+    "sd1-verbatim": _of_kind(load_sdv1_memorized, "verbatim"),
+    "sd1-template": _of_kind(load_sdv1_memorized, "template"),
     "nemo-memorized": load_nemo_memorized,
     "nemo-unmemorized": load_nemo_unmemorized,
     "sd2-memorized": load_sd2_memorized,
+    "sd2-verbatim": _of_kind(load_sd2_memorized, "verbatim"),
+    "sd2-template": _of_kind(load_sd2_memorized, "template"),
     "sd1-nonmemorized": load_sd1_nonmemorized,
 }
 
@@ -368,6 +383,32 @@ def load_prompt_set(name: str, data_dir: str | os.PathLike | None = None) -> lis
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; available: {sorted(PROMPT_SETS)}")
     return PROMPT_SETS[name](data_dir)
+
+
+def load_prompt_file(path: str | os.PathLike) -> list[PromptRecord]:
+    """A prompt list file by suffix: ``.csv`` NeMo's ``;`` CSV, ``.jsonl`` Webster's JSONL, else one prompt a line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return load_nemo_csv(path)
+    if suffix == ".jsonl":
+        return load_webster_jsonl(path)
+    return load_text_lines(path)
+
+
+def load_prompts(name_or_file: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[PromptRecord]:
+    """A prompt set by name (:data:`PROMPT_SETS`, lists read as :func:`list_path` says) or a prompt file."""
+    if isinstance(name_or_file, str) and name_or_file in PROMPT_SETS:
+        return load_prompt_set(name_or_file, data_dir)
+    path = Path(name_or_file).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{name_or_file} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor a file "
+            "(a NeMo ';' .csv, a Webster .jsonl or a text file with one prompt a line)"
+        )
+    return load_prompt_file(path)
 
 
 def records_from_captions(captions: Iterable[str]) -> list[PromptRecord]:

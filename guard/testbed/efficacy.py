@@ -1,37 +1,69 @@
 """Efficacy on the testbed, as a library: sampling, pixel scoring and the paper's selection rule.
 
-:func:`sample_images` (one batched pipeline call for many prompts and seeds), :func:`score_samples`
-(replication and alignment of one memorized prompt's samples), :func:`alignment_rates` (alignment
-of any shape prompt's samples), :func:`flagged_shares` (which tokens the spike rule attenuated),
-:func:`evaluate_method` (all of them for one setting), :func:`choose_copy_threshold` (the copy
-threshold, measured without the model) and :func:`select_best` (the lowest replication within
-the paper's alignment budget). ``guard demo`` and ``python -m guard.testbed.evaluate`` build on it.
+:func:`evaluate_method` measures one setting through the project's one evaluation loop,
+:func:`guard.evaluation.runner.evaluate_prompts`, with the testbed's pixel metrics as its scorers
+(:func:`replication_scorer`, :func:`alignment_scorer`, in place of SSCD and CLIP); the prompts'
+rows and images go to a run directory (a temporary one unless ``out_dir`` is given, which then
+resumes). :func:`sample_images` (one batched pipeline call for many prompts and seeds, seeded as
+the runner seeds them), :func:`score_samples` (replication and alignment of one memorized prompt's
+samples), :func:`alignment_rates` (alignment of any shape prompt's samples) and
+:func:`flagged_shares` (which tokens the spike rule attenuated) serve ``guard demo``;
+:func:`choose_copy_threshold` (the copy threshold, measured without the model) and
+:func:`select_best` (the lowest replication within the paper's alignment budget) serve
+``python -m guard.testbed.evaluate``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import GuardConfig
+from ..evaluation.generation import PipelineGenerator, flagged_shares, image_generators
+from ..evaluation.ground_truth import open_images
+from ..evaluation.prompts import PromptRecord
+from ..evaluation.results import read_rows
+from ..evaluation.runner import evaluate_prompts
+from ..evaluation.scorers import Scorer, as_float_array
 from .assets import MemorizedItem
 from .defaults import copy_threshold as shipped_copy_threshold
 from .metrics import alignment, replication, ssim
+
+__all__ = [
+    "MethodResult",
+    "alignment_rates",
+    "alignment_scorer",
+    "choose_copy_threshold",
+    "evaluate_method",
+    "flagged_shares",
+    "is_eligible",
+    "replication_scorer",
+    "run_folder_name",
+    "sample_images",
+    "score_samples",
+    "select_best",
+]
+
+ALIGNMENT_KEYS = ("background_ok", "colour_ok", "shape_ok", "all_ok")
+REPLICATION_KEYS = ("own_ssim", "nearest_ssim", "nearest_index", "nearest_is_own", "copied", "copied_other")
 
 
 def sample_images(pipe, prompts: list[str], config: GuardConfig, seeds: list[int], steps: int):
     """Images (P, S, H, W, 3) in [0, 1] for every prompt and seed, and the run's GuardReport.
 
     Seed ``s`` fixes the initial noise of one column, identical across prompts and methods, so
-    methods are compared on the same starting points.
+    methods are compared on the same starting points (one image per seed: the runner's seeding).
     """
     if not prompts or not seeds:
         raise ValueError("prompts and seeds must be non-empty")
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for _ in prompts for s in seeds]
+    generators = image_generators(len(prompts), [int(s) for s in seeds], 1)
     result = pipe(
         list(prompts),
         num_inference_steps=steps,
@@ -47,8 +79,7 @@ def sample_images(pipe, prompts: list[str], config: GuardConfig, seeds: list[int
 def alignment_rates(images, prompt: str) -> dict:
     """Shares of ``images`` whose background colour, shape colour, shape (and all three) match ``prompt``."""
     checks = [alignment(image, prompt) for image in np.asarray(images)]
-    keys = ("background_ok", "colour_ok", "shape_ok", "all_ok")
-    return {key: float(np.mean([c[key] for c in checks])) for key in keys} | {"per_image": checks}
+    return {key: float(np.mean([c[key] for c in checks])) for key in ALIGNMENT_KEYS} | {"per_image": checks}
 
 
 def score_samples(images, item: MemorizedItem, training_images, copy_threshold: float | None = None) -> dict:
@@ -58,23 +89,6 @@ def score_samples(images, item: MemorizedItem, training_images, copy_threshold: 
     scores = replication(images, item.image, training_images, threshold)
     scores["alignment"] = alignment_rates(images, item.caption)
     return scores
-
-
-def flagged_shares(report, prompt_index: int) -> dict[str, float]:
-    """Token -> share of its spike checks in which it was attenuated (BOS excluded by the rule)."""
-    checks = report.checks_per_prompt[prompt_index]  # images the gate cleared are not counted
-    if not checks:
-        return {}
-    labels = report.token_labels[prompt_index]
-    totals = report.flagged_tokens[prompt_index]
-    return {token: count / (checks * labels.count(token)) for token, count in totals.items()}
-
-
-def _cleared(report, prompts: int, seeds: int) -> np.ndarray:
-    """(prompts, seeds) 1.0 where the memorization gate cleared the image (all 0 without a gate)."""
-    if report.cleared is None:
-        return np.zeros((prompts, seeds))
-    return report.cleared.numpy().astype(np.float64)
 
 
 def _interval(values) -> tuple[float, float]:
@@ -131,6 +145,50 @@ class MethodResult:
         return {key: _interval(getattr(self, key)) for key in keys}
 
 
+def replication_scorer(items: list[MemorizedItem], copy_threshold: float) -> Scorer:
+    """The runner scorer of replication: per image, SSIM to the prompt's own and the nearest training
+    image (by index), whether the nearest is the own one, and copies; memorized captions only."""
+    training = np.stack([item.image for item in items])
+    by_caption = {item.caption: item for item in items}
+
+    def score(record: PromptRecord, images: list) -> dict:
+        item = by_caption.get(record.caption)
+        if item is None:
+            return {}
+        scores = replication(
+            np.stack([as_float_array(image) for image in images]), item.image, training, copy_threshold
+        )
+        return {key: scores[key] for key in REPLICATION_KEYS}
+
+    return Scorer("replication", score)
+
+
+def alignment_scorer() -> Scorer:
+    """The runner scorer of alignment: per image, whether background, shape colour and shape match
+    the caption (``alignment``: one list of booleans per check)."""
+
+    def score(record: PromptRecord, images: list) -> dict:
+        checks = [alignment(as_float_array(image), record.caption) for image in images]
+        return {"alignment": {key: [check[key] for check in checks] for key in ALIGNMENT_KEYS}}
+
+    return Scorer("alignment", score)
+
+
+def run_folder_name(name: str) -> str:
+    """A method's display name as a run-directory method name (letters, digits, '.', '_', '-')."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.").lower()
+    return slug or "method"
+
+
+@contextlib.contextmanager
+def _run_dir(out_dir):
+    if out_dir is not None:
+        yield Path(out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="guard-testbed-") as folder:
+        yield Path(folder)
+
+
 def evaluate_method(
     pipe,
     name: str,
@@ -140,41 +198,76 @@ def evaluate_method(
     seeds: list[int],
     steps: int,
     copy_threshold: float | None = None,
+    out_dir=None,
 ) -> MethodResult:
-    """Sample every memorized and plain prompt under ``config`` and score the samples."""
+    """Sample every memorized and plain prompt under ``config`` and score the samples, through the runner.
+
+    One pipeline call for the memorized prompts and one for the plain ones, every seed at once (one
+    image per seed). ``out_dir``: keep the run directory there (rerunning resumes it); by default a
+    temporary one.
+    """
     start = time.perf_counter()
-    training = np.stack([item.image for item in items])
-    memorized_images, memorized_report = sample_images(pipe, [it.caption for it in items], config, seeds, steps)
-    plain_images, plain_report = sample_images(pipe, plain, config, seeds, steps)
-    mem_scores = [score_samples(memorized_images[i], item, training, copy_threshold) for i, item in enumerate(items)]
-    plain_scores = [alignment_rates(plain_images[i], prompt)["per_image"] for i, prompt in enumerate(plain)]
+    threshold = shipped_copy_threshold() if copy_threshold is None else copy_threshold
+    memorized = [PromptRecord(item.caption, kind="verbatim", source="testbed", row=i) for i, item in enumerate(items)]
+    plain_records = [PromptRecord(p, source="testbed plain", row=len(items) + j) for j, p in enumerate(plain)]
+    generate = PipelineGenerator(pipe, num_inference_steps=steps, output_type="np")
+    method = run_folder_name(name)
+    settings = {"steps": steps, "copy_threshold": threshold}
+    scorers = [replication_scorer(items, threshold), alignment_scorer()]
+    with _run_dir(out_dir) as folder:
+        for records in (memorized, plain_records):
+            evaluate_prompts(
+                generate,
+                records,
+                {method: config},
+                out_dir=folder,
+                num_images=1,
+                seeds=seeds,
+                scorers=scorers,
+                batch_prompts=len(records),
+                settings=settings,
+                progress=False,
+            )
+        rows = {row["key"]: row for row in read_rows(folder) if row["method"] == method}
+        memorized_rows = [rows[record.key] for record in memorized]
+        plain_rows = [rows[record.key] for record in plain_records]
+        memorized_images, plain_images = (_images(folder, chosen) for chosen in (memorized_rows, plain_rows))
 
-    def per_image(scores, key):
-        return np.asarray([[check[key] for check in row] for row in scores], dtype=np.float64)
+    def stacked(chosen, key, group=None):
+        return np.asarray([(row[group] if group else row)[key] for row in chosen], dtype=np.float64)
 
-    mem_checks = [s["alignment"]["per_image"] for s in mem_scores]
+    def cleared(chosen):
+        return np.asarray([row.get("cleared") or [False] * len(seeds) for row in chosen], dtype=np.float64)
+
     return MethodResult(
         name=name,
         config=config,
-        own_ssim=np.stack([s["own_ssim"] for s in mem_scores]),
-        nearest_ssim=np.stack([s["nearest_ssim"] for s in mem_scores]),
-        nearest_is_own=np.stack([s["nearest_is_own"] for s in mem_scores]).astype(np.float64),
-        copied=np.stack([s["copied"] for s in mem_scores]).astype(np.float64),
-        memorized_alignment=per_image(mem_checks, "all_ok"),
-        memorized_background=per_image(mem_checks, "background_ok"),
-        memorized_colour=per_image(mem_checks, "colour_ok"),
-        memorized_shape=per_image(mem_checks, "shape_ok"),
-        plain_alignment=per_image(plain_scores, "all_ok"),
-        plain_background=per_image(plain_scores, "background_ok"),
-        plain_colour=per_image(plain_scores, "colour_ok"),
-        plain_shape=per_image(plain_scores, "shape_ok"),
-        memorized_cleared=_cleared(memorized_report, len(items), len(seeds)),
-        plain_cleared=_cleared(plain_report, len(plain), len(seeds)),
+        own_ssim=stacked(memorized_rows, "own_ssim"),
+        nearest_ssim=stacked(memorized_rows, "nearest_ssim"),
+        nearest_is_own=stacked(memorized_rows, "nearest_is_own"),
+        copied=stacked(memorized_rows, "copied"),
+        memorized_alignment=stacked(memorized_rows, "all_ok", "alignment"),
+        memorized_background=stacked(memorized_rows, "background_ok", "alignment"),
+        memorized_colour=stacked(memorized_rows, "colour_ok", "alignment"),
+        memorized_shape=stacked(memorized_rows, "shape_ok", "alignment"),
+        plain_alignment=stacked(plain_rows, "all_ok", "alignment"),
+        plain_background=stacked(plain_rows, "background_ok", "alignment"),
+        plain_colour=stacked(plain_rows, "colour_ok", "alignment"),
+        plain_shape=stacked(plain_rows, "shape_ok", "alignment"),
+        memorized_cleared=cleared(memorized_rows),
+        plain_cleared=cleared(plain_rows),
         memorized_images=memorized_images,
         plain_images=plain_images,
-        memorized_flags=[flagged_shares(memorized_report, i) for i in range(len(items))],
-        plain_flags=[flagged_shares(plain_report, i) for i in range(len(plain))],
+        memorized_flags=[row.get("flagged", {}) for row in memorized_rows],
+        plain_flags=[row.get("flagged", {}) for row in plain_rows],
         seconds=time.perf_counter() - start,
+    )
+
+
+def _images(folder: Path, rows: list[dict]) -> np.ndarray:
+    """(prompts, seeds, H, W, 3) float32 in [0, 1] from the run directory's PNGs."""
+    return np.stack(
+        [np.stack([as_float_array(image) for image in open_images(folder / p for p in row["images"])]) for row in rows]
     )
 
 

@@ -1,12 +1,14 @@
 """Efficacy of GUARD on the testbed: replication and alignment per method, with intervals.
 
     python -m guard.testbed.evaluate --out DIR [--seeds 8] [--steps 20] [--sweep [--confirm-seeds 6]]
-                                     [--path TESTBED_FOLDER] [--write-default]
+                                     [--path TESTBED_FOLDER] [--write-default] [--runs RUNS_DIR]
 
 Writes DIR/testbed_efficacy.md, .json and a PNG grid. It always measures the testbed's recorded
 default beside the published settings; ``--sweep`` re-runs the paper's selection on a grid, and
 only ``--write-default`` records the chosen setting in the testbed folder (the shipped weights
-when ``--path`` is not given). The pieces are in :mod:`guard.testbed.efficacy`.
+when ``--path`` is not given). Every setting is sampled and scored by guard.evaluation's runner
+(the testbed's pixel metrics as its scorers); ``--runs`` keeps those run directories, so that a
+killed study resumes. The pieces are in :mod:`guard.testbed.efficacy`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .efficacy import (
     choose_copy_threshold,
     evaluate_method,
     is_eligible,
+    run_folder_name,
     select_best,
 )
 
@@ -160,6 +163,11 @@ def main(argv=None) -> int:
         "else the installed package's shipped weights); nothing is written there without it",
     )
     parser.add_argument("--out", required=True, help="folder to write testbed_efficacy.md, .json and the PNG grid to")
+    parser.add_argument(
+        "--runs",
+        help="keep each setting's images and rows in a run directory under this folder (guard.evaluation's "
+        "layout); rerunning the same study there resumes it instead of sampling again",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     for name in ("seeds", "sweep_seeds", "steps", "plain", "threads"):
@@ -196,7 +204,10 @@ def main(argv=None) -> int:
     log(f"copy threshold {threshold:.2f}: {threshold_reason}")
 
     def run(name, config, seed_list=seeds):
-        result = evaluate_method(pipe, name, config, items, plain, seed_list, args.steps, copy_threshold=threshold)
+        out_dir = None if args.runs is None else Path(args.runs) / run_folder_name(name)
+        result = evaluate_method(
+            pipe, name, config, items, plain, seed_list, args.steps, copy_threshold=threshold, out_dir=out_dir
+        )
         log(
             f"{name:28s} {_describe(config):50s} own {result.own_ssim.mean():.3f} copies {result.copied.mean():.2f} "
             f"mem-aligned {result.memorized_alignment.mean():.2f} plain-aligned {result.plain_alignment.mean():.2f} "
