@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 from guard_kernels.validation import real_number
 
-METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli")
+METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli", "wen")
 SCHEDULES = ("cosine", "linear", "sine", "constant")
 #: Memorization scores the gate can decide on (guard.detection has their definitions).
 DETECTORS = ("cosine", "wen", "entropy")
@@ -27,7 +27,9 @@ GATE_DETECTORS = DETECTORS + ("linear",)
 DEFAULT_BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block")
 
 #: Number of UNet row groups each method runs per step (unconditional, attenuated, plain prompt).
-BRANCHES = {"guard": 3, "attenuation": 2, "cfg": 2, "ren": 2, "jain": 2, "somepalli": 2}
+BRANCHES = {"guard": 3, "attenuation": 2, "cfg": 2, "ren": 2, "jain": 2, "somepalli": 2, "wen": 2}
+#: Jain et al.'s transition points: a fixed timestep, or the first local minimum of the text-conditional noise.
+TRANSITIONS = ("static", "dynamic")
 
 # A module-name prefix: dot-separated identifiers or indices, e.g. "down_blocks.1" or "mid_block".
 _BLOCK_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
@@ -79,7 +81,13 @@ class GuardConfig:
     transition_timestep, early_guidance_scale: "jain" only; the early scale enters the same
         formula ``eps_u + scale * (eps_c - eps_u)`` as ``guidance_scale``, so 1.0 means no
         guidance (the conditional prediction alone) and negative values guide away from the prompt.
+    transition: "jain" only: "static" (the timestep above) or "dynamic" (Jain et al.'s dynamic
+        transition point, per image: the first step j >= 2 whose ``||eps_c - eps_u||`` makes the
+        step before it a strict local minimum; guidance ``guidance_scale`` from step j on).
     embedding_noise_scale: "somepalli" only, the standard deviation of the embedding noise.
+    wen_learning_rate, wen_iterations, wen_target_loss: "wen" only (Wen et al. 2024, see
+        :mod:`guard.wen`): AdamW's learning rate, the most updates, and the loss (the released
+        ``||eps_c - eps_u||_2`` over all of a prompt's images) at which the optimisation stops.
     """
 
     method: str = "guard"
@@ -100,6 +108,10 @@ class GuardConfig:
     transition_timestep: float = 500.0
     early_guidance_scale: float = 1.0
     embedding_noise_scale: float = 0.1
+    transition: str = "static"
+    wen_learning_rate: float = 0.05
+    wen_iterations: int = 10
+    wen_target_loss: float = 3.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -123,6 +135,12 @@ class GuardConfig:
         # Negative is Jain et al.'s "opposite guidance".
         set_(self, "early_guidance_scale", _real("early_guidance_scale", self.early_guidance_scale, minimum=None))
         set_(self, "embedding_noise_scale", _real("embedding_noise_scale", self.embedding_noise_scale))
+        if self.transition not in TRANSITIONS:
+            raise ValueError(f"GuardConfig.transition must be one of {TRANSITIONS}, got {self.transition!r}")
+        set_(self, "wen_learning_rate", _real("wen_learning_rate", self.wen_learning_rate))
+        set_(self, "wen_target_loss", _real("wen_target_loss", self.wen_target_loss))
+        if isinstance(self.wen_iterations, bool) or not isinstance(self.wen_iterations, int) or self.wen_iterations < 0:
+            raise ValueError(f"GuardConfig.wen_iterations must be a non-negative integer, got {self.wen_iterations!r}")
         if self.gate_detector not in GATE_DETECTORS:
             raise ValueError(f"GuardConfig.gate_detector must be one of {GATE_DETECTORS}, got {self.gate_detector!r}")
         if (self.gate_detector == "linear") != (self.gate_weights is not None):
@@ -211,8 +229,9 @@ def _validate_blocks(blocks: Any) -> Optional[tuple[str, ...]]:
 #: Published settings by name. "guard": the paper's GUARD run; "attenuation": the attenuation-only
 #: variant (tau 0.01); "guard-released": the released code path (orthogonalisation left on);
 #: "cfg": plain classifier-free guidance, the unmitigated baseline; "ren", "jain" (no guidance
-#: before t = 500), "jain-opposite" (guidance scale -2 before it) and "somepalli": the related
-#: methods the paper compares with, at their published settings.
+#: before t = 500), "jain-opposite" (guidance scale -2 before it), "jain-dynamic" (no guidance
+#: before the dynamic transition point), "somepalli" and "wen" (Wen et al.'s embedding
+#: optimisation, the paper's main baseline): the related methods at their published settings.
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         "guard": MappingProxyType({}),
@@ -224,6 +243,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "jain-opposite": MappingProxyType(
             {"method": "jain", "transition_timestep": 500.0, "early_guidance_scale": -2.0}
         ),
+        "jain-dynamic": MappingProxyType({"method": "jain", "transition": "dynamic", "early_guidance_scale": 1.0}),
         "somepalli": MappingProxyType({"method": "somepalli", "embedding_noise_scale": 0.1}),
+        "wen": MappingProxyType(
+            {"method": "wen", "wen_learning_rate": 0.05, "wen_iterations": 10, "wen_target_loss": 3.0}
+        ),
     }
 )

@@ -279,6 +279,44 @@ def transition_guidance(
     return eps_hat, GuidanceNorms(attraction, torch.zeros_like(attraction), torch.full_like(attraction, float("nan")))
 
 
+class DynamicTransition:
+    """Jain et al.'s dynamic transition point, per image, over one sampling run (no host sync).
+
+    Jain et al., "Classifier-Free Guidance inside the Attraction Basin May Cause Memorization"
+    (CVPR 2025; github.com/SonyResearch/mitigating_memorization, ``generate_test_dataset_dtp.py``):
+    with ``d_j = ||eps_c - eps_u||_2`` at step j, the transition fires at the first j >= 2 where
+    ``d_{j-2} > d_{j-1} < d_j`` (the step before is a strict local minimum, seen one step late);
+    from step j on the image gets ``guidance_scale``, before it ``early_guidance_scale``.
+    """
+
+    def __init__(self, config: GuardConfig) -> None:
+        if config.method != "jain" or config.transition != "dynamic":
+            raise ValueError("DynamicTransition needs a config with method 'jain' and transition 'dynamic'")
+        self.config = config
+        self.history: list[torch.Tensor] = []  # the last two d's
+        self.switched: torch.Tensor | None = None  # (images,) bool
+
+    def __call__(self, eps_u: torch.Tensor, eps_cond: torch.Tensor, *, return_norms: bool = False):
+        _check_predictions(eps_u=eps_u, eps_cond=eps_cond)
+        delta = eps_cond - eps_u
+        d = _per_image_norm(delta)
+        if self.switched is None:
+            self.switched = torch.zeros(d.shape, dtype=torch.bool, device=d.device)
+        if len(self.history) == 2:
+            before, last = self.history
+            self.switched = self.switched | ((before > last) & (last < d))
+        self.history = (self.history + [d])[-2:]
+        early, late = self.config.early_guidance_scale, self.config.guidance_scale
+        scale = torch.where(self.switched, late, early).to(delta.dtype)
+        eps_hat = eps_u + scale.view((-1,) + (1,) * (delta.dim() - 1)) * delta
+        if not return_norms:
+            return eps_hat
+        attraction = scale.float() * d
+        return eps_hat, GuidanceNorms(
+            attraction, torch.zeros_like(attraction), torch.full_like(attraction, float("nan"))
+        )
+
+
 def combine_predictions(
     noise_pred: torch.Tensor,
     step_index: int,

@@ -28,6 +28,7 @@ from guard_kernels.validation import real_number
 from .config import GuardConfig
 from .report import GuardReport
 from .sampling import GuardDenoiser, GuardSamplingMixin
+from .wen import optimize_prompt_embeddings
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -277,6 +278,22 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         latents = self.prepare_latents(
             rows, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
+        optimization = None
+        if config.method == "wen":  # Wen et al.: the prompt's embedding optimised at the first step's noise
+            if "added_cond_kwargs" in positive:
+                raise ValueError("method 'wen' does not take IP-Adapter inputs")
+            prompt_embeds, optimization = optimize_prompt_embeddings(
+                self.unet,
+                self.scheduler,
+                latents,
+                timesteps[0],
+                negative_prompt_embeds,
+                prompt_embeds,
+                num_images_per_prompt,
+                learning_rate=config.wen_learning_rate,
+                iterations=config.wen_iterations,
+                target_loss=config.wen_target_loss,
+            )
         if config.method == "somepalli":  # drawn after the latents, so that a seed gives the same latents
             noise = randn_tensor(prompt_embeds.shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
             prompt_embeds = prompt_embeds + config.embedding_noise_scale * noise
@@ -313,6 +330,7 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
 
         # 4. The report (the run's one host transfer of its records), then decoding.
         report = self._guard_report(config, prompt, batch_size, num_images_per_prompt, num_keys, session, denoiser)
+        report.embedding_optimization = optimization
         self.guard_report = report
         if output_type != "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]

@@ -60,6 +60,8 @@ class GuardReport:
     cleared: (prompts, images) bool, the images the memorization gate (``GuardConfig.gate_threshold``)
         cleared, judged not memorized and guided by plain CFG; None when the gate is off.
     detection: the memorization scores of the first step(s) (:class:`guard.detection.DetectionScores`).
+    embedding_optimization: method "wen" only, per prompt the losses and updates of Wen et al.'s
+        optimisation (:class:`guard.wen.EmbeddingOptimization`).
     """
 
     config: GuardConfig
@@ -76,6 +78,7 @@ class GuardReport:
     cosines: torch.Tensor
     cleared: Optional[torch.Tensor] = None
     detection: Optional[DetectionScores] = None
+    embedding_optimization: Optional[Any] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -158,6 +161,9 @@ class GuardReport:
             "repulsion_weights": list(self.repulsion_weights),
             "cleared": None if self.cleared is None else self.cleared.tolist(),
             "detection": None if self.detection is None else self.detection.to_dict(),
+            "embedding_optimization": None
+            if self.embedding_optimization is None
+            else dataclasses.asdict(self.embedding_optimization),
             # per step and prompt, the mean over the images GUARD guided (None where the gate cleared all)
             "guidance_norms": {
                 name: [[_finite_or_none(x) for x in step] for step in self._guided_mean(values, (2,)).tolist()]
@@ -182,6 +188,14 @@ class GuardReport:
                     f"  memorization gate (first-step cosine > {self.config.gate_threshold:g}): {len(cleared)} of "
                     f"{self.images_per_prompt} image(s) cleared{which} and guided by plain CFG, "
                     f"{self.images_per_prompt - len(cleared)} by GUARD"
+                )
+            if self.embedding_optimization is not None:
+                losses = self.embedding_optimization.losses[p]
+                lines.append(
+                    f"  Wen et al.'s embedding optimisation: {self.embedding_optimization.updates[p]} update(s), "
+                    f"loss {losses[0]:.4g} -> {losses[-1]:.4g} (target {self.config.wen_target_loss:g})"
+                    if losses
+                    else "  Wen et al.'s embedding optimisation: no iteration"
                 )
             if not self.layer_names:
                 lines.append(f"  no spike attenuation (method {self.method!r})")

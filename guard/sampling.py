@@ -23,7 +23,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from .attention import AttenuationSession, attenuate_cross_attention
 from .config import GuardConfig
 from .detection import ScoreAccumulator, attention_entropy, gate_score, is_cleared, wen_score
-from .guidance import combine_predictions, guard_guidance, guidance_cosine, repulsion_weight
+from .guidance import DynamicTransition, combine_predictions, guard_guidance, guidance_cosine, repulsion_weight
 from .report import GuardReport, position_labels, token_labels
 
 
@@ -75,6 +75,8 @@ class GuardDenoiser:
         self.config = config
         self.guidance_rescale = guidance_rescale
         self.guided = True  # False once a callback switches guidance off (guidance scale <= 1)
+        dynamic = config.method == "jain" and config.transition == "dynamic"
+        self.transition = DynamicTransition(config) if dynamic else None
         self.total_steps = total_steps
         self.order = order
         self.images = images
@@ -108,6 +110,8 @@ class GuardDenoiser:
                 self.session.spike_rows = None
         else:
             self.config = self.config.replace(guidance_scale=scale)
+            if self.transition is not None:
+                self.transition.config = self.config
 
     def set_conditioning(self, negative: dict[str, Any], positive: dict[str, Any]) -> None:
         """The UNet's conditioning per branch, each with one row per image: ``negative`` feeds the
@@ -198,6 +202,10 @@ class GuardDenoiser:
                 return_norms=True,
                 cleared=self.cleared,
             )
+        elif self.transition is not None:  # Jain et al.'s dynamic transition point
+            if detecting:
+                self.scores.add(wen=wen_score(*noise_pred.chunk(2)))
+            guided, norms = self.transition(*noise_pred.chunk(2), return_norms=True)
         else:
             if detecting:
                 self.scores.add(wen=wen_score(*noise_pred.chunk(2)))

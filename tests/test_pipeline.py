@@ -360,6 +360,52 @@ def test_jain_switches_at_the_transition_timestep(tiny):
     assert relative_error(late, run(pipe, "cfg", num_inference_steps=4).images) <= 1e-6
 
 
+@torch.no_grad()
+def test_jain_dynamic_transition_switches_each_image_after_its_first_local_minimum():
+    """Against the released rule written out, on the shipped testbed (whose noise norm has a late
+    local minimum): d_j = ||eps_c - eps_u||; switch at the first j >= 2 with d_{j-2} > d_{j-1} < d_j;
+    guidance 1 before, the CFG scale from then on, per image."""
+    from guard.testbed import load_pipeline, memorized_items, plain_prompts
+
+    pipe = load_pipeline(pipeline_class=StableDiffusionGuardPipeline)
+    prompts, steps, s = [memorized_items()[0].caption, plain_prompts(1)[0]], 20, 2.0
+    latents = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    config = GuardConfig.preset("jain-dynamic", guidance_scale=s)
+    out = pipe(prompts, latents=latents, num_inference_steps=steps, output_type="latent", guard_config=config).images
+    negative, positive = pipe.encode_prompt(prompts, "cpu", 1, True)[::-1]
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    x = latents * scheduler.init_noise_sigma
+    norms, switch_steps = [], [None, None]
+    for j, t in enumerate(scheduler.timesteps):
+        states = torch.cat([negative, positive])
+        eps_u, eps_c = pipe.unet(
+            scheduler.scale_model_input(torch.cat([x] * 2), t), t, encoder_hidden_states=states
+        ).sample.chunk(2)
+        norms.append([float((eps_c[b] - eps_u[b]).norm()) for b in range(2)])
+        for b in range(2):
+            if switch_steps[b] is None and j >= 2 and norms[j - 2][b] > norms[j - 1][b] < norms[j][b]:
+                switch_steps[b] = j
+        scale = torch.tensor([s if k is not None else 1.0 for k in switch_steps]).view(2, 1, 1, 1)
+        x = scheduler.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
+    assert all(step is not None and step < steps - 1 for step in switch_steps), switch_steps
+    assert relative_error(out, x) <= 1e-4
+
+
+def test_the_dynamic_transition_rule_on_given_norms():
+    from guard.guidance import DynamicTransition
+
+    rule = DynamicTransition(GuardConfig.preset("jain-dynamic", guidance_scale=3.0))
+    eps_u = torch.zeros(2, 1)
+    scales = []
+    for d in ([3.0, 3.0], [2.0, 2.0], [4.0, 1.0], [1.0, 0.5], [2.0, 1.0]):  # image 0 turns at j=2, image 1 at j=4
+        eps_c = torch.tensor(d).view(2, 1)
+        scales.append((rule(eps_u, eps_c) / eps_c).flatten().tolist())
+    assert scales == [[1, 1], [1, 1], [3, 1], [3, 1], [3, 3]]
+    with pytest.raises(ValueError, match="transition 'dynamic'"):
+        DynamicTransition(GuardConfig.preset("jain"))
+
+
 def test_ren_needs_prompt_text(tiny):
     pipe, _ = tiny
     embeds, negative = pipe.encode_prompt(list(PROMPTS), "cpu", 1, True)
