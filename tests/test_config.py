@@ -31,7 +31,9 @@ def test_presets():
         "ren",
         "jain",
         "jain-opposite",
+        "jain-dynamic",
         "somepalli",
+        "wen",
     }
     assert GuardConfig.preset("guard") == GuardConfig()
     attenuation = GuardConfig.preset("attenuation")
@@ -46,7 +48,10 @@ def test_presets():
     assert (jain.transition_timestep, jain.early_guidance_scale) == (500.0, 1.0)
     assert GuardConfig.preset("jain-opposite").early_guidance_scale == -2.0
     assert GuardConfig.preset("somepalli").embedding_noise_scale == 0.1
-    assert not any(GuardConfig.preset(name).attenuates for name in ("cfg", "ren", "jain", "somepalli"))
+    assert GuardConfig.preset("jain-dynamic").transition == "dynamic"
+    wen = GuardConfig.preset("wen")
+    assert (wen.method, wen.wen_learning_rate, wen.wen_iterations, wen.wen_target_loss) == ("wen", 0.05, 10, 3.0)
+    assert not any(GuardConfig.preset(name).attenuates for name in ("cfg", "ren", "jain", "somepalli", "wen"))
     with pytest.raises(ValueError, match="unknown GuardConfig preset 'nope'"):
         GuardConfig.preset("nope")
     with pytest.raises(TypeError, match="unknown GuardConfig field"):
