@@ -75,13 +75,9 @@ def write_testbed_defaults(
     folder: str | Path | None = None,
 ) -> Path:
     """Record the default GuardConfig, the copy threshold, and why each was chosen."""
-    import dataclasses
-
     target = (Path(folder) if folder is not None else WEIGHTS_DIR) / GUARD_DEFAULT_FILE
-    fields = dataclasses.asdict(config)
-    fields["blocks"] = list(fields["blocks"])
     record = {
-        "config": fields,
+        "config": _config_fields(config),
         "reason": reason,
         "guidance_scale_reason": guidance_scale_reason,
         "copy_threshold": round(float(threshold), 4),
@@ -89,3 +85,19 @@ def write_testbed_defaults(
     }
     target.write_text(json.dumps(record, indent=2) + "\n")
     return target
+
+
+def record_testbed_setting(config, reason: str, folder: str | Path | None = None) -> Path:
+    """Replace the recorded GUARD setting and its reason, keeping the copy threshold and the rest."""
+    target = _default_file(folder)
+    record = json.loads(target.read_text())
+    record.update(config=_config_fields(config), reason=reason)
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    return target
+
+
+def _config_fields(config) -> dict:
+    import dataclasses
+
+    fields = dataclasses.asdict(config)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}

@@ -1,6 +1,8 @@
-"""How well first-step scores tell memorized prompts from plain ones on the testbed, variants included.
+"""How well first-step scores tell memorized prompts from plain ones on the testbed, variants included,
+and the memorization gate chosen on them.
 
     python -m guard.testbed.detection_study --out DIR [--seeds 4] [--steps 20] [--score-steps 1,2,5]
+                                            [--gate-sweep [--write-default]]
 
 For every memorized item's variants (:mod:`guard.testbed.variants`) and every plain caption (as
 is, and credited to the training data's made-up artists), it samples under CFG to see which
@@ -8,6 +10,12 @@ prompts really copy, computes each detector's scores (:mod:`guard.detection`) fr
 ``k`` steps, and writes ``DIR/testbed_detection.md`` (and ``.json``): per score and ``k``, AUC and
 TPR at 1% FPR with 95% bootstrap intervals (resampling prompts), for each kind of variant against
 the plain prompts and for the samples that copy against those that do not.
+
+``--gate-sweep`` then chooses the testbed's GUARD setting with the gate the paper's way, on the
+variants as well as the exact captions: the lowest mean SSIM to the related memorized image
+among settings whose alignment to the asked caption stays within 15% of CFG's and whose plain
+prompts stay >= 95% aligned (and within 15% of CFG), measured on sweep seeds and re-measured on
+fresh seeds before the choice; ``--write-default`` records it with the shipped weights.
 """
 
 from __future__ import annotations
@@ -112,7 +120,7 @@ def sample_study(pipe, variants: list[Variant], items, threshold: float, seeds: 
 
 
 def _memorized_up(name: str, values: np.ndarray) -> np.ndarray:
-    """Scores oriented so that higher means memorized (the cosine is negated)."""
+    """Scores oriented so that higher means memorized (the cosine is negated); its own inverse."""
     return values if MEMORIZED_IF_HIGH[name] else -values
 
 
@@ -158,6 +166,195 @@ def variant_table(study: Sampled) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------
+# The gate, chosen on the variants
+
+ALIGNMENT_TOLERANCE = 0.15  # the paper's rule: alignment no worse than 15% below CFG's
+PLAIN_ALIGNED = 0.95  # and plain prompts stay at least this aligned
+
+
+@dataclass
+class GateResult:
+    """One setting's outcome on the sweep's prompts and seeds."""
+
+    name: str
+    config: GuardConfig
+    own_ssim: float  # mean SSIM of memorized variants' samples to their item's training image
+    copies: float  # share of memorized variants' samples that copy some memorized image
+    copies_by_kind: dict[str, float]
+    aligned: float  # memorized variants with an asked caption: share aligned to it
+    aligned_by_kind: dict[str, float]
+    plain_aligned: float
+    cleared_memorized: float  # share of memorized variants' samples the gate cleared
+    cleared_plain: float
+
+
+def measure_setting(pipe, name, config, variants, items, threshold, seeds, steps) -> GateResult:
+    """Sample every variant under ``config`` and score copies and alignment to the asked caption."""
+    from .efficacy import sample_images
+    from .metrics import alignment, nearest_training, ssim
+
+    images, report = sample_images(pipe, [v.prompt for v in variants], config, seeds, steps)
+    training = np.stack([item.image for item in items])
+    cleared = np.zeros((len(variants), len(seeds)))
+    if report.cleared is not None:
+        cleared = report.cleared.numpy().astype(float)
+    own, copies, aligned, plain, kinds_copies, kinds_aligned = [], [], [], [], {}, {}
+    for p, variant in enumerate(variants):
+        copied = nearest_training(images[p], training)[1] > threshold
+        ok = None if variant.asked is None else [alignment(i, variant.asked_caption)["all_ok"] for i in images[p]]
+        if variant.item is None:
+            plain += ok
+            continue
+        own += list(np.atleast_1d(ssim(images[p], items[variant.item].image)))
+        copies += list(copied)
+        kinds_copies.setdefault(variant.kind, []).extend(copied)
+        if ok is not None:
+            aligned += ok
+            kinds_aligned.setdefault(variant.kind, []).extend(ok)
+    memorized = [p for p, v in enumerate(variants) if v.item is not None]
+    others = [p for p in range(len(variants)) if p not in memorized]
+    return GateResult(
+        name, config, float(np.mean(own)), float(np.mean(copies)),
+        {k: float(np.mean(v)) for k, v in kinds_copies.items()}, float(np.mean(aligned)),
+        {k: float(np.mean(v)) for k, v in kinds_aligned.items()}, float(np.mean(plain)),
+        float(cleared[memorized].mean()), float(cleared[others].mean()),
+    )  # fmt: skip
+
+
+def eligible(result: GateResult, cfg: GateResult) -> bool:
+    limit = 1.0 - ALIGNMENT_TOLERANCE
+    return (result.aligned >= limit * cfg.aligned and result.plain_aligned >= limit * cfg.plain_aligned
+            and result.plain_aligned >= PLAIN_ALIGNED)  # fmt: skip
+
+
+def linear_weights(study: Sampled, k: int) -> tuple[tuple[float, float, float], dict]:
+    """Weights of the "linear" gate from the plain prompts' scores: each of the cosine and the entropy
+    standardised by the plain prompts' spread, oriented by the testbed's memorized direction (both lower
+    when memorized here), summed; Wen's norm, which does not separate on the testbed, left out."""
+    plain = [p for p, v in enumerate(study.variants) if v.item is None]
+    raw = {name: _memorized_up(name, study.scores[k][name]) for name in ("cosine", "entropy")}  # back to raw values
+    spread = {name: float(values[plain].std()) for name, values in raw.items()}
+    weights = (0.0, -1.0 / spread["cosine"], -1.0 / spread["entropy"])
+    return weights, spread
+
+
+def gate_candidates(
+    study: Sampled, base: GuardConfig, k: int, flag_rates=(0.02, 0.05, 0.1)
+) -> list[tuple[str, GuardConfig]]:
+    """Gates that flag the given shares of the plain prompts' samples, per detector, on ``base``'s GUARD setting."""
+    plain = [p for p, v in enumerate(study.variants) if v.item is None]
+    weights, _ = linear_weights(study, k)
+    raw = {name: _memorized_up(name, study.scores[k][name]) for name in DETECTORS}  # the orientation undone
+    linear = sum(w * raw[name] for w, name in zip(weights, DETECTORS) if w)
+    candidates = []
+    for rate in flag_rates:
+        cosine = float(np.quantile(raw["cosine"][plain], rate))  # cleared above: flag the lowest `rate`
+        candidates.append(
+            (f"cosine {rate:.0%}", base.replace(gate_threshold=cosine, gate_detector="cosine", gate_steps=k))
+        )
+        line = float(np.quantile(linear[plain], 1.0 - rate))  # cleared below: flag the highest `rate`
+        candidates.append((f"linear {rate:.0%}", base.replace(gate_threshold=line, gate_detector="linear",
+                                                               gate_weights=weights, gate_steps=k)))  # fmt: skip
+    return candidates
+
+
+def gate_table(results: list[GateResult]) -> list[str]:
+    kinds = list(KINDS)
+    lines = ["| setting | own SSIM | copies | copies per kind (" + " / ".join(kinds) + ") | aligned to the asked"
+             " caption | plain aligned | cleared: variants / plain |", "|---|---:|---:|---|---:|---:|---|"]  # fmt: skip
+    for r in results:
+        per_kind = " / ".join(f"{100 * r.copies_by_kind.get(k, float('nan')):.0f}" for k in kinds)
+        cleared = f"{100 * r.cleared_memorized:.0f}% / {100 * r.cleared_plain:.0f}%"
+        lines.append(f"| {r.name} | {r.own_ssim:.3f} | {100 * r.copies:.0f}% | {per_kind} | {100 * r.aligned:.0f}% |"
+                     f" {100 * r.plain_aligned:.0f}% | {cleared} |")  # fmt: skip
+    return lines
+
+
+def _describe(config: GuardConfig) -> str:
+    if config.method != "guard":
+        return f"{config.method} s={config.guidance_scale:g}"
+    text = f"tau={config.spike_threshold:g} alpha={config.spike_scale:g} r={config.repulsion_scale:g}"
+    if config.gate_threshold is not None:
+        text += f" gate={config.gate_detector}@{config.gate_threshold:.4g}"
+        if config.gate_weights is not None:
+            text += " w=(" + ", ".join(f"{w:.3g}" for w in config.gate_weights) + ")"
+        text += f" k={config.gate_steps}"
+    return text
+
+
+def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: dict) -> list[str]:
+    """The gated setting chosen the paper's way on the variants, re-measured on fresh seeds."""
+    from .defaults import copy_threshold, record_testbed_setting
+
+    threshold = copy_threshold(args.path)
+    s = config.guidance_scale
+    memorized = [v for v in study.variants if v.item is not None]
+    plain = [v for v in study.variants if v.item is None]
+    sweep_variants = memorized + plain[::2]  # every other plain prompt keeps the sweep affordable
+    sweep_seeds = list(range(2000, 2000 + args.sweep_seeds))
+    confirm_seeds = list(range(3000, 3000 + args.confirm_seeds))
+    bases = [GuardConfig(guidance_scale=s, spike_threshold=4.0, spike_scale=alpha, repulsion_scale=1.0)
+             for alpha in (0.45, 0.3)]  # fmt: skip
+
+    def measure(name, setting, seeds):
+        result = measure_setting(pipe, name, setting, sweep_variants, items, threshold, seeds, args.steps)
+        print(f"{name:34s} {_describe(setting):60s} own {result.own_ssim:.3f} copies {result.copies:.2f} "
+              f"aligned {result.aligned:.2f} plain {result.plain_aligned:.2f}", flush=True)  # fmt: skip
+        return result
+
+    cfg = measure("CFG", GuardConfig(method="cfg", guidance_scale=s), sweep_seeds)
+    shipped = measure("shipped default (before)", config, sweep_seeds)
+    sweep = [measure(f"{name} on alpha={base.spike_scale:g}", gate, sweep_seeds)
+             for base in bases for name, gate in gate_candidates(study, base, args.gate_steps)]  # fmt: skip
+    ranked = sorted((r for r in sweep if eligible(r, cfg)), key=lambda r: r.own_ssim)[:3]
+    confirm_cfg = measure("CFG (confirmation seeds)", GuardConfig(method="cfg", guidance_scale=s), confirm_seeds)
+    confirmed = [measure(f"confirm {r.name}", r.config, confirm_seeds) for r in ranked]
+    shipped_confirm = measure("shipped default (before), confirmation seeds", config, confirm_seeds)
+    chosen = min((r for r in confirmed if eligible(r, confirm_cfg)), key=lambda r: r.own_ssim, default=None)
+    weights, spread = linear_weights(study, args.gate_steps)
+    lines = [
+        "",
+        "## The gate, chosen on the variants",
+        "",
+        f"Candidates: GUARD at tau = 4, r = 1, alpha in {{0.45, 0.3}} (s = {s:g}), each with a cosine or a linear gate "
+        f"deciding after {args.gate_steps} step(s), thresholds set to flag 2%, 5% or 10% of the plain prompts' samples "
+        f"in the detection study above. The linear gate sums the cosine and the entropy, each divided by its spread "
+        f"over the plain prompts (std {spread['cosine']:.4g} and {spread['entropy']:.4g}) and negated (both are lower "
+        f"for memorized prompts on this model): weights (wen, cosine, entropy) = "
+        f"({', '.join(f'{w:.4g}' for w in weights)}). Rule: the lowest mean SSIM of the memorized variants' samples to "
+        f"their item's training image among settings whose alignment to the asked caption is within "
+        f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's and whose plain prompts stay >= {100 * PLAIN_ALIGNED:.0f}% aligned "
+        f"(and within {100 * ALIGNMENT_TOLERANCE:.0f}% of CFG); the best three re-measured on fresh seeds, where the "
+        f"choice is made. Sweep: {len(sweep_variants)} prompts x seeds {sweep_seeds}; confirmation: seeds "
+        f"{confirm_seeds}.",
+        "",
+        "### Sweep",
+        "",
+        *gate_table([cfg, shipped] + sweep),
+        "",
+        "### Confirmation",
+        "",
+        *gate_table([confirm_cfg, shipped_confirm] + confirmed),
+        "",
+        f"Chosen: {'none met the rule' if chosen is None else chosen.name + ' (' + _describe(chosen.config) + ')'}.",
+    ]
+    record["gate"] = {"sweep": [r.__dict__ for r in [cfg, shipped] + sweep],
+                      "confirmation": [r.__dict__ for r in [confirm_cfg, shipped_confirm] + confirmed],
+                      "chosen": None if chosen is None else chosen.__dict__}  # fmt: skip
+    if args.write_default and chosen is not None:
+        reason = (f"lowest mean SSIM to the related memorized image over the memorized captions and their variants "
+                  f"(python -m guard.testbed.detection_study --gate-sweep) among settings within "
+                  f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's alignment to the asked caption with plain prompts >= "
+                  f"{100 * PLAIN_ALIGNED:.0f}% aligned, on seeds {confirm_seeds}: own SSIM {chosen.own_ssim:.3f} vs "
+                  f"CFG {confirm_cfg.own_ssim:.3f}, copies {100 * chosen.copies:.0f}% vs "
+                  f"{100 * confirm_cfg.copies:.0f}%, "
+                  f"plain aligned {100 * chosen.plain_aligned:.0f}%")  # fmt: skip
+        record_testbed_setting(chosen.config, reason, args.path)
+        lines.append(f"Recorded as the testbed's default ({reason}).")
+    return lines
+
+
 def _fmt(triple) -> str:
     value, low, high = triple
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
@@ -171,15 +368,28 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps of a run (the schedule the scores see)")
     parser.add_argument("--score-steps", default="1,2,5", help="first-step counts the scores average over")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gate-sweep", action="store_true", help="choose the gated GUARD setting on the variants")
+    parser.add_argument("--gate-steps", type=int, default=1, help="first steps the gate decides on")
+    parser.add_argument("--sweep-seeds", type=int, default=2)
+    parser.add_argument("--confirm-seeds", type=int, default=3)
+    parser.add_argument(
+        "--write-default",
+        action="store_true",
+        help="with --gate-sweep: record the chosen setting with the testbed (--path, else the shipped weights)",
+    )
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.steps < 1:
-        parser.error("--seeds and --steps must be >= 1")
+    if args.seeds < 1 or args.steps < 1 or args.sweep_seeds < 1 or args.confirm_seeds < 1:
+        parser.error("--seeds, --steps, --sweep-seeds and --confirm-seeds must be >= 1")
+    if args.write_default and not args.gate_sweep:
+        parser.error("--write-default records the gate sweep's choice: add --gate-sweep")
     try:
         score_steps = sorted({int(k) for k in args.score_steps.split(",")})
     except ValueError:
         parser.error(f"--score-steps must be comma-separated integers, got {args.score_steps!r}")
     if score_steps[0] < 1 or score_steps[-1] > args.steps:
         parser.error(f"--score-steps must lie in 1..{args.steps}")
+    if args.gate_sweep and args.gate_steps not in score_steps:
+        parser.error("--gate-steps must be one of --score-steps (the gate's thresholds come from those scores)")
     torch.set_num_threads(args.threads)
 
     from ..pipeline import StableDiffusionGuardPipeline
@@ -223,8 +433,11 @@ def main(argv=None) -> int:
     for row in rows:
         lines.append(f"| {row['steps']} | {row['score']} | {row['positives']} | {row['n_pos']} / {row['n_neg']} | "
                      f"{_fmt(row['auc'])} | {_fmt(row['tpr'])} |")  # fmt: skip
+    record = {"detection": rows}
+    if args.gate_sweep:
+        lines += gate_sweep(pipe, study, items, config, args, record)
     (out / "testbed_detection.md").write_text("\n".join(lines) + "\n")
-    (out / "testbed_detection.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "testbed_detection.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {out / 'testbed_detection.md'}")
     return 0
 
