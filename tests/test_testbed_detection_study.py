@@ -1,0 +1,45 @@
+"""guard.testbed.detection_study: the AUC, TPR at a false-positive rate, and the bootstrap over prompts."""
+
+import numpy as np
+import pytest
+
+from guard.testbed.detection_study import bootstrap, main, roc_auc, tpr_at_fpr
+
+
+def test_auc_is_the_mann_whitney_probability_with_ties_counted_half():
+    rng = np.random.default_rng(0)
+    positives, negatives = rng.normal(1, 1, 40), rng.normal(0, 1, 60)
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in positives for n in negatives])
+    assert roc_auc(positives, negatives) == pytest.approx(brute)
+    assert roc_auc(np.array([1.0, 2.0, 2.0]), np.array([2.0, 0.0])) == pytest.approx(4 / 6)
+    assert roc_auc(np.array([5.0]), np.array([1.0, 2.0])) == 1.0
+
+
+def test_tpr_at_fpr_reads_the_threshold_off_the_negatives():
+    negatives = np.arange(100, dtype=float)  # 1% above 98
+    positives = np.array([98.5, 99.5, 50.0, 100.0])
+    assert tpr_at_fpr(positives, negatives, 0.01) == pytest.approx(0.5)
+
+
+def test_bootstrap_resamples_whole_prompts_and_brackets_the_value():
+    rng = np.random.default_rng(1)
+    positives = [rng.normal(1, 1, 4) for _ in range(20)]
+    negatives = [rng.normal(0, 1, 4) for _ in range(30)]
+    value, low, high = bootstrap(roc_auc, positives, negatives, rounds=200)
+    assert low < value < high and 0.5 < value < 1.0
+    assert bootstrap(roc_auc, positives, negatives, rounds=200) == (value, low, high)  # seeded
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--score-steps", "0"], "--score-steps must lie in"),
+        (["--score-steps", "x"], "comma-separated integers"),
+        (["--write-default"], "add --gate-sweep"),
+        (["--gate-sweep", "--gate-steps", "3"], "--gate-steps must be one of --score-steps"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_sampling(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
