@@ -25,9 +25,8 @@ def default_guard_config(path: str | Path | None = None):
     settings = record.get("config")
     if not isinstance(settings, dict):
         raise ValueError(f"{target} must hold an object with a 'config' mapping of GuardConfig fields")
-    if "blocks" in settings:
-        settings = {**settings, "blocks": tuple(settings["blocks"])}
-    return GuardConfig(**settings)
+    # JSON holds tuples (blocks, gate_weights) as lists
+    return GuardConfig(**{key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()})
 
 
 def testbed_guard_config(path: str | Path | None = None):
