@@ -215,11 +215,16 @@ def measure_setting(pipe, name, config, variants, items, threshold, seeds, steps
     memorized = [p for p, v in enumerate(variants) if v.item is not None]
     others = [p for p in range(len(variants)) if p not in memorized]
     return GateResult(
-        name, config, float(np.mean(own)), float(np.mean(copies)),
-        {k: float(np.mean(v)) for k, v in kinds_copies.items()}, float(np.mean(aligned)),
-        {k: float(np.mean(v)) for k, v in kinds_aligned.items()}, float(np.mean(plain)),
-        float(cleared[memorized].mean()), float(cleared[others].mean()),
+        name, config, _mean(own), _mean(copies), {k: _mean(v) for k, v in kinds_copies.items()}, _mean(aligned),
+        {k: _mean(v) for k, v in kinds_aligned.items()}, _mean(plain), _mean(cleared[memorized]),
+        _mean(cleared[others]),
     )  # fmt: skip
+
+
+def _mean(values) -> float:
+    """The mean, NaN for no values (a setting measured without plain prompts, say)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()) if values.size else float("nan")
 
 
 def eligible(result: GateResult, cfg: GateResult) -> bool:
@@ -355,6 +360,39 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
     return lines
 
 
+def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
+    """When the trigger is attached to another caption, does GUARD draw the caption asked for?
+
+    Without the gate (so that attenuation is what is measured), for the spike scale alpha and the
+    attenuated layers (the default blocks, or every cross-attention layer), on the variants that
+    attach a trigger to another item's caption and on the exact captions.
+    """
+    from .defaults import copy_threshold
+
+    variants = [v for v in memorized_variants(items) if v.kind in ("trigger on another caption", "exact")]
+    seeds = list(range(4000, 4000 + args.confirm_seeds + 1))
+    threshold = copy_threshold(args.path)
+    settings = [("CFG", GuardConfig(method="cfg", guidance_scale=config.guidance_scale))]
+    for blocks, where in ((None, "default blocks"), (("down_blocks", "mid_block", "up_blocks"), "every layer")):
+        for alpha in (0.45, 0.2, 0.05):
+            settings.append((f"alpha={alpha:g}, {where}", config.replace(gate_threshold=None, gate_detector="cosine",
+                             gate_steps=1, gate_weights=None, spike_scale=alpha, blocks=blocks)))  # fmt: skip
+    lines = ["", "## Surgical: the trigger attached to another caption", "",
+             f"GUARD without the gate at tau = {config.spike_threshold:g}, r = {config.repulsion_scale:g}, "
+             f"s = {config.guidance_scale:g}; {len(variants)} prompts x seeds {seeds}. 'Asked' is the caption the "
+             "prompt names (another item's for the attached trigger).", "",
+             "| setting | attached: aligned to the asked caption | attached: copies | exact: copies | exact: aligned |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, setting in settings:
+        result = measure_setting(pipe, name, setting, variants, items, threshold, seeds, args.steps)
+        attached, exact = "trigger on another caption", "exact"
+        lines.append(f"| {name} | {100 * result.aligned_by_kind[attached]:.0f}% | "
+                     f"{100 * result.copies_by_kind[attached]:.0f}% | {100 * result.copies_by_kind[exact]:.0f}% | "
+                     f"{100 * result.aligned_by_kind[exact]:.0f}% |")  # fmt: skip
+        print(lines[-1], flush=True)
+    return lines
+
+
 def _fmt(triple) -> str:
     value, low, high = triple
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
@@ -370,6 +408,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gate-sweep", action="store_true", help="choose the gated GUARD setting on the variants")
     parser.add_argument("--gate-steps", type=int, default=1, help="first steps the gate decides on")
+    parser.add_argument(
+        "--surgical",
+        action="store_true",
+        help="instead: only what GUARD draws for a trigger attached to another caption (DIR/testbed_surgical.md)",
+    )
     parser.add_argument("--sweep-seeds", type=int, default=2)
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument(
@@ -401,12 +444,17 @@ def main(argv=None) -> int:
     pipe = load_pipeline(path=args.path, pipeline_class=StableDiffusionGuardPipeline)
     items = memorized_items(args.path)
     config = testbed_guard_config(args.path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.surgical:
+        lines = ["# GUARD on an attached trigger (testbed)", *surgical_study(pipe, items, config, args)]
+        (out / "testbed_surgical.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {out / 'testbed_surgical.md'}")
+        return 0
     variants = memorized_variants(items) + plain_variants(plain_prompts())
     seeds = list(range(1000, 1000 + args.seeds))  # seeds no testbed setting was chosen on
     study = sample_study(pipe, variants, items, copy_threshold(args.path), seeds, args.steps, score_steps, config)
     rows = detection_rows(study)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Memorization detection on the testbed",
         "",
