@@ -89,7 +89,6 @@ class GuardDenoiser:
         self.scores = ScoreAccumulator()
         self.calls = 0
         self.guided_calls = 0  # UNet calls before a callback switched guidance off (all of them otherwise)
-        self.rows_per_call: list[int] = []  # the UNet batch of each call (host ints, known without a sync)
         self._negative = self._positive = None
         self._stacked = None
 
@@ -160,14 +159,13 @@ class GuardDenoiser:
         config, n = self.config, self.images
         detecting = self.calls < self.detection_steps
         session = self.session
-        read_mass = detecting and session is not None and config.method == "guard" and session.attenuated_layers
+        read_mass = detecting and session is not None and config.method == "guard" and bool(session.attenuated_layers)
         if read_mass:  # Ren et al.'s entropy reads the plain prompt's rows
             session.reset_mass()
             session.mass_rows = slice(2 * n, 3 * n)
         model_input = self._model_input(latents)
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(model_input, timestep)
-        self.rows_per_call.append(model_input.shape[0])
         noise_pred = unet(
             model_input,
             timestep,
@@ -178,8 +176,8 @@ class GuardDenoiser:
         if read_mass:
             session.mass_rows = None
         if not self.guided:  # guidance switched off: the prompt's own prediction
-            off = torch.zeros(3, n, device=latents.device)
-            self.norms.append(off.index_fill_(0, torch.tensor([2], device=latents.device), float("nan")))
+            off = torch.tensor([0.0, 0.0, float("nan")], device=latents.device)  # no attraction, repulsion, cosine
+            self.norms.append(off.view(3, 1).expand(3, n))
             self.calls += 1
             return scheduler.step(noise_pred, timestep, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
         if config.method == "guard":
@@ -202,21 +200,20 @@ class GuardDenoiser:
                 return_norms=True,
                 cleared=self.cleared,
             )
-        elif self.transition is not None:  # Jain et al.'s dynamic transition point
-            if detecting:
-                self.scores.add(wen=wen_score(*noise_pred.chunk(2)))
-            guided, norms = self.transition(*noise_pred.chunk(2), return_norms=True)
         else:
             if detecting:
                 self.scores.add(wen=wen_score(*noise_pred.chunk(2)))
-            guided, norms = combine_predictions(
-                noise_pred,
-                self.schedule_index(call_index),
-                self.total_steps,
-                config,
-                timestep=timestep,
-                return_norms=True,
-            )
+            if self.transition is not None:  # Jain et al.'s dynamic transition point
+                guided, norms = self.transition(*noise_pred.chunk(2), return_norms=True)
+            else:
+                guided, norms = combine_predictions(
+                    noise_pred,
+                    self.schedule_index(call_index),
+                    self.total_steps,
+                    config,
+                    timestep=timestep,
+                    return_norms=True,
+                )
         self.guided_calls += 1
         if self.guidance_rescale > 0:  # Lin et al. 2024, sec. 3.4, against the plain prompt's prediction
             plain = noise_pred[noise_pred.shape[0] - n :]
