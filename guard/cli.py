@@ -8,6 +8,7 @@ one line on stderr and exit status 2; set ``GUARD_DEBUG=1`` to see the traceback
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -94,8 +95,65 @@ def resolve_device(text: str):
     return device
 
 
+#: ``model_index.json`` ``_class_name`` values guard runs, by the GUARD pipeline class that loads them.
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionGuardPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLGuardPipeline")
+
+
+def guard_pipeline_class(class_name: Optional[str], where: str):
+    """The GUARD pipeline class for a diffusers pipeline class name (a model_index.json's
+    ``_class_name``): SD 1.x/2.x or SDXL text-to-image, or a CLIError naming the class."""
+    if class_name in SD_PIPELINES:
+        from .pipeline import StableDiffusionGuardPipeline
+
+        return StableDiffusionGuardPipeline
+    if class_name in SDXL_PIPELINES:
+        from .pipeline_sdxl import StableDiffusionXLGuardPipeline
+
+        return StableDiffusionXLGuardPipeline
+    named = "names no pipeline class" if not class_name else f"is a {class_name}"
+    raise CLIError(
+        f"{where} {named}; guard generate runs StableDiffusionPipeline (SD 1.x/2.x) and"
+        " StableDiffusionXLPipeline (SDXL) text-to-image models"
+    )
+
+
+def _class_name(model_index, where: str) -> Optional[str]:
+    if not isinstance(model_index, dict):
+        raise CLIError(f"{where}: model_index.json is not a JSON object")
+    name = model_index.get("_class_name")
+    return name if isinstance(name, str) else None
+
+
+def folder_pipeline_class(path: Path):
+    """The GUARD pipeline class for a local diffusers folder, from its model_index.json."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise CLIError(f"{path} is not a diffusers pipeline folder (no model_index.json in it)")
+    try:
+        model_index = json.loads(index_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"{index_file} is not readable JSON: {error}") from error
+    return guard_pipeline_class(_class_name(model_index, str(path)), str(path))
+
+
+def hub_pipeline_class(model: str):
+    """The GUARD pipeline class for a hub id, from its model_index.json (downloaded or cached)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        model_index = DiffusionPipeline.load_config(model)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"could not load {model!r} from the hub or its cache: {error}") from error
+    return guard_pipeline_class(_class_name(model_index, repr(model)), repr(model))
+
+
 def load_guard_pipeline(model: Optional[str], device="cpu", dtype=None):
-    """The shipped testbed (``model=None``), a local diffusers folder, or a hub id, as a GUARD pipeline."""
+    """The shipped testbed (``model=None``), a local diffusers folder, or a hub id, as a GUARD pipeline.
+
+    A folder or hub id loads as the GUARD pipeline of the model family its ``model_index.json``
+    names: SD 1.x/2.x (``StableDiffusionPipeline``) or SDXL (``StableDiffusionXLPipeline``).
+    """
     import torch
 
     from .pipeline import StableDiffusionGuardPipeline
@@ -106,13 +164,13 @@ def load_guard_pipeline(model: Optional[str], device="cpu", dtype=None):
     if path is None or (path.is_dir() and is_testbed_folder(path)):
         return load_pipeline(device=device, dtype=dtype, path=path, pipeline_class=StableDiffusionGuardPipeline)
     if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise CLIError(f"{path} is not a diffusers pipeline folder (no model_index.json in it)")
-        return StableDiffusionGuardPipeline.from_pretrained(path, dtype=dtype).to(device)
+        pipeline_class = folder_pipeline_class(path)
+        return pipeline_class.from_pretrained(path, dtype=dtype).to(device)
     if not _HUB_ID.match(model):
         raise CLIError(f"no model folder at {path} (and {model!r} is not a hub id like 'org/name')")
+    pipeline_class = hub_pipeline_class(model)
     try:
-        return StableDiffusionGuardPipeline.from_pretrained(model, dtype=dtype).to(device)
+        return pipeline_class.from_pretrained(model, dtype=dtype).to(device)
     except (OSError, ValueError) as error:
         raise CLIError(f"could not load {model!r} from the hub or its cache: {error}") from error
 
@@ -172,7 +230,8 @@ def cmd_generate(args) -> int:
         output_type="pil",
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([result.images], cell=256 if is_testbed else 512).save(out)
+    cell = 256 if is_testbed else max(result.images[0].size)  # the testbed's 32 px enlarged, others as made
+    image_grid([result.images], cell=cell).save(out)
     print(result.report.summary())
     print(f"wrote {out}")
     return 0
@@ -220,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate images for a prompt and report the attenuated tokens")
     gen.add_argument("prompt")
     gen.add_argument("--method", default="guard", choices=sorted(PRESETS), help="guidance method / preset")
-    gen.add_argument("--model", default=None, help="hub id or local diffusers folder (default: the shipped testbed)")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="hub id or local diffusers folder, SD 1.x/2.x or SDXL (default: the shipped testbed)",
+    )
     gen.add_argument("--steps", type=_positive_int, default=30)
     gen.add_argument("--seed", type=_non_negative_int, default=0)
     gen.add_argument("--images", type=_positive_int, default=4)

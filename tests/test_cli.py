@@ -1,14 +1,16 @@
 """The ``guard`` command end to end on the shipped testbed (few steps), and its user errors."""
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from guard.cli import _guard_config, build_parser, main
+from guard.cli import CLIError, _guard_config, build_parser, folder_pipeline_class, guard_pipeline_class, main
 from guard.testbed import default_guard_config
 from guard.testbed.demo import LEGEND, sample_caption
 from guard.visualize import enlarge, image_grid
@@ -188,3 +190,131 @@ def test_every_method_runs_at_the_testbed_guidance_scale_and_the_gate_can_be_set
     assert gated.gate_threshold == 0.8
     off = _guard_config(parser.parse_args(["generate", "x", "--gate-threshold", "off"]), is_testbed=True)
     assert off.gate_threshold is None and off.replace(gate_threshold=shipped.gate_threshold) == shipped
+
+
+# ----------------------------------------------------------------------------------------------
+# SD or SDXL, chosen by the folder's model_index.json
+
+
+def tiny_sdxl_pipeline():
+    """A stock StableDiffusionXLPipeline at test size: two CLIP text encoders (the second with a
+    projection, whose pooled output is SDXL's text_embeds), a UNet with SDXL's layout (no
+    cross-attention in the first down block, more transformer layers deeper, text_time added
+    conditioning), the offline tokenizer for both text encoders."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from sampler_utils import TEXT_DIM, tiny_vae
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from guard.testbed.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text_config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu", projection_dim=TEXT_DIM,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    text_encoder, text_encoder_2 = CLIPTextModel(text_config).eval(), CLIPTextModelWithProjection(text_config).eval()
+    torch.manual_seed(4)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=2 * TEXT_DIM,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8,  # pooled text + 6 time ids x 8
+    ).eval()  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae().eval(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """Folders holding a tiny SD and a tiny SDXL pipeline, as save_pretrained writes them."""
+    from sampler_utils import stock_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+    stock_pipeline().save_pretrained(root / "sd")
+    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
+    return root
+
+
+def _set_class_name(folder, name):
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_class_name"] = name
+    index_file.write_text(json.dumps(index))
+
+
+def test_model_index_class_chooses_the_guard_pipeline(saved_models, tmp_path):
+    from guard import StableDiffusionGuardPipeline, StableDiffusionXLGuardPipeline
+
+    assert json.loads((saved_models / "sd" / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionPipeline"
+    )
+    assert folder_pipeline_class(saved_models / "sd") is StableDiffusionGuardPipeline
+    assert folder_pipeline_class(saved_models / "sdxl") is StableDiffusionXLGuardPipeline
+    # Folders a GUARD pipeline saved name the GUARD class.
+    assert guard_pipeline_class("StableDiffusionGuardPipeline", "x") is StableDiffusionGuardPipeline
+    assert guard_pipeline_class("StableDiffusionXLGuardPipeline", "x") is StableDiffusionXLGuardPipeline
+    for name in ("StableDiffusionXLImg2ImgPipeline", "FluxPipeline", None):
+        with pytest.raises(CLIError, match="guard generate runs StableDiffusionPipeline") as error:
+            guard_pipeline_class(name, "somewhere")
+        assert (name or "names no pipeline class") in str(error.value)
+
+
+def test_generate_on_an_sdxl_folder_runs_the_sdxl_guard_pipeline(saved_models, tmp_path, capsys, monkeypatch):
+    from guard import StableDiffusionXLGuardPipeline
+
+    loaded = []
+    real = StableDiffusionXLGuardPipeline.from_pretrained.__func__
+    monkeypatch.setattr(
+        StableDiffusionXLGuardPipeline,
+        "from_pretrained",
+        classmethod(lambda cls, *args, **kwargs: loaded.append(cls) or real(cls, *args, **kwargs)),
+    )
+    out = tmp_path / "sdxl.png"
+    argv = ["generate", "a red circle on a blue background", "--model", str(saved_models / "sdxl"), "--steps", "2",
+            "--images", "2", "--guidance-scale", "3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert loaded == [StableDiffusionXLGuardPipeline]
+    image = Image.open(out)
+    assert image.size == (2 * 16, 16)  # two 16 px samples (8x8 latents, VAE factor 2) side by side
+    assert np.asarray(image).std() > 0
+    printed = capsys.readouterr().out
+    assert "circle" in printed and f"wrote {out}" in printed
+
+
+def test_generate_on_an_sd_folder_runs_the_sd_guard_pipeline(saved_models, tmp_path, capsys):
+    out = tmp_path / "sd.png"
+    argv = ["generate", "a red circle", "--model", str(saved_models / "sd"), "--steps", "1", "--images", "1",
+            "--method", "cfg", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert Image.open(out).size == (16, 16)
+
+
+@pytest.mark.parametrize("class_name", ["StableDiffusionXLImg2ImgPipeline", "FluxPipeline"])
+def test_generate_refuses_other_pipelines_in_one_line(saved_models, tmp_path, capsys, class_name):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text((saved_models / "sdxl" / "model_index.json").read_text())
+    _set_class_name(folder, class_name)
+    assert main(["generate", "x", "--model", str(folder), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guard: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{folder} is a {class_name}" in err and "StableDiffusionXLPipeline (SDXL)" in err
+
+
+@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"vae": ["diffusers", "AutoencoderKL"]}'])
+def test_a_broken_model_index_is_a_one_line_error(tmp_path, capsys, index):
+    (tmp_path / "model_index.json").write_text(index)
+    assert main(["generate", "x", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guard: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "model_index.json" in err or "names no pipeline class" in err
