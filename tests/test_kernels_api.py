@@ -14,7 +14,7 @@ import torch
 import guard_kernels
 from guard_kernels import AttentionStats, api, cross_attention, limits
 from guard_kernels.reference import torch_cross_attention
-from guard_kernels.testing import reference_attention, rel_err
+from guard_kernels.testing import error_budget, reference_attention, rel_err
 
 
 def spiky_inputs(batch, nq, nk, heads, dim, dtype=torch.float32, seed=0, clear_margin=1e-3, threshold=0.1):
@@ -52,6 +52,48 @@ def test_torch_path_matches_float64_reference(batch, nq, nk, heads, dim, dtype):
     assert stats.max_logit.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     if nk > 3:
         assert ref.spikes[1::2].any(), "the test inputs should contain spikes on spiked rows"
+
+
+#: SDXL's cross-attention layers: head dim 64, 77 tokens, 10 heads at 64x64 latents (down_blocks.1)
+#: and 20 heads at 32x32 (down_blocks.2, mid_block); GUARD's batch puts the attenuated branch in
+#: the middle third.
+SDXL_SHAPES = {"sdxl-h20-32x32": (3, 1024, 77, 20, 64), "sdxl-h10": (2, 512, 77, 10, 64)}
+
+
+@pytest.mark.parametrize("shape", list(SDXL_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_path_on_sdxl_shapes_within_the_error_budget(shape, dtype, monkeypatch):
+    """The PyTorch path on SDXL shapes, GUARD spike rows and statistics on, against the float64
+    reference under guard_kernels.testing's error-budget rule; its output buffer is poisoned
+    (NaN), in one chunk and in several, so a query it forgets to write fails."""
+    batch, nq, nk, heads, dim = SDXL_SHAPES[shape]
+    # Thousands of z-scores: a 1e-3 margin around the threshold is rarely clear of all of them; the
+    # path's fp32 z-scores are far closer to the float64 ones than 1e-4.
+    q, k, v = spiky_inputs(batch, nq, nk, heads, dim, dtype, seed=heads + nq, clear_margin=1e-4)
+    rows = torch.tensor([b % 3 == 1 for b in range(batch)])
+    ref = reference_attention(q, k, v, spike_rows=rows)
+    yardstick = reference_attention(q, k, v, spike_rows=rows, dtype=dtype, spikes=ref.spikes)
+    assert ref.spikes[1].any() and not ref.spikes[0].any()
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(math.nan)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    out, stats = cross_attention(q, k, v, spike_rows=rows, return_stats=True, backend="torch")
+    args = (dim**-0.5, rows, 0.1, 0.3, None, None, True)
+    chunked, chunked_stats = torch_cross_attention(q, k, v, *args, chunk_elements=batch * heads * nk * 100)
+    monkeypatch.undo()
+
+    assert out.dtype == dtype and out.shape == (batch, nq, heads, dim) and torch.isfinite(out).all()
+    budget = error_budget(out, ref.out, yardstick.out)
+    assert budget.ok, budget
+    assert torch.equal(stats.spikes, ref.spikes)
+    assert rel_err(stats.max_logit, ref.max_logit) <= 1e-5 and rel_err(stats.mass, ref.mass) <= 1e-5
+    assert torch.isfinite(chunked).all() and error_budget(chunked, ref.out, yardstick.out).ok
+    assert torch.equal(chunked_stats.spikes, stats.spikes)
+    torch.testing.assert_close(chunked_stats.mass, stats.mass, rtol=1e-5, atol=1e-4)
 
 
 def test_float64_path_computes_everything_in_float64():

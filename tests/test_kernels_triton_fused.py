@@ -71,6 +71,14 @@ CASES = {
     "nq64-nk77-d64-fp32-guardbatch-headsfirst": Case(
         3, 1, 64, 77, 64, torch.float32, (False, True, False), None, "some", "heads_first"
     ),
+    # SDXL's cross-attention: head dim 64, 10 heads (down_blocks.1) and 20 heads (down_blocks.2,
+    # mid_block), 77 tokens; few queries (the interpreter's cost is per program, i.e. per row-head).
+    "sdxl-nq40-nk77-d64-h10-fp16-guardbatch-fused": Case(
+        3, 10, 40, 77, 64, torch.float16, (False, True, False), None, None, "fused"
+    ),
+    "sdxl-nq16-nk77-d64-h20-fp32-guardbatch": Case(
+        2, 20, 16, 77, 64, torch.float32, (False, True), None, None, "contiguous"
+    ),
 }
 
 
