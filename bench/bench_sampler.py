@@ -9,8 +9,12 @@ A step is the UNet call on all branch rows, the guidance combination and a DDIM 
   (rows, heads, queries, tokens) logits and probabilities in eager PyTorch, 3 row groups.
 
 GUARD runs 1.5x the rows of CFG, so ~1.5x CFG's time is the floor. Models (random weights):
-``tiny`` (the test suite's shape, CPU), ``small`` (SD-shaped, reduced widths, CPU) and ``sd15``
-(SD 1.5's UNet, fp16, 4 images of one prompt at 512x512; CUDA only).
+``tiny`` (the test suite's shape, CPU), ``small`` (SD-shaped, reduced widths, CPU), ``sd15``
+(SD 1.5's UNet, fp16, 4 images of one prompt at 512x512; CUDA only), ``sdxl-small`` (SDXL-shaped,
+reduced widths, CPU: SDXL's block layout, no cross-attention in ``down_blocks.0``, more
+transformer layers deeper, head dim 64, text_time added conditioning) and ``sdxl`` (SDXL base's
+UNet config, fp16, 4 images of one prompt at 1024x1024, i.e. 128x128 latents; CUDA only). The
+SDXL steps pass each row its pooled text embedding and time ids (``added_cond_kwargs``).
 
 Run: ``python -m pytest bench/bench_sampler.py`` (pytest-benchmark), or
 ``python bench/bench_sampler.py --model small`` for a markdown table with ratios and peak memory.
@@ -24,7 +28,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -40,6 +44,20 @@ _SD_BLOCKS = {
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 }
+
+_SDXL_BLOCKS = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "addition_embed_type": "text_time", "use_linear_projection": True,
+}  # fmt: skip
+
+#: stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the fields that shape the model).
+SDXL_UNET = {
+    "sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+    **_SDXL_BLOCKS,
+}  # fmt: skip
 
 MODELS = {
     "tiny": {
@@ -65,7 +83,21 @@ MODELS = {
         },
         "images": 4, "dtype": torch.float16, "device": "cuda",
     },
+    "sdxl-small": {
+        "unet": {
+            # diffusers reads attention_head_dim as head counts here: 128 / 2 = 256 / 4 = 64 per head.
+            "sample_size": 32, "block_out_channels": (64, 128, 256), "layers_per_block": 2,
+            "transformer_layers_per_block": (1, 2, 4), "attention_head_dim": (1, 2, 4),
+            "cross_attention_dim": 512, "addition_time_embed_dim": 32,
+            "projection_class_embeddings_input_dim": 256 + 6 * 32, **_SDXL_BLOCKS,
+        },
+        "images": 2, "dtype": torch.float32, "device": "cpu",
+    },
+    "sdxl": {"unet": SDXL_UNET, "images": 4, "dtype": torch.float16, "device": "cuda"},
 }  # fmt: skip
+
+#: The models whose UNet takes SDXL's added conditioning (a pooled text embedding and time ids per row).
+SDXL_MODELS = tuple(name for name, spec in MODELS.items() if spec["unet"].get("addition_embed_type") == "text_time")
 
 
 @dataclass
@@ -77,31 +109,67 @@ class StepSetup:
     cond: torch.Tensor  # (N, 77, D)
     timestep: torch.Tensor
     config: GuardConfig
+    #: SDXL's added conditioning per branch, one row per image: {"text_embeds": (N, P), "time_ids": (N, 6)}
+    added_uncond: Optional[dict] = None
+    added_cond: Optional[dict] = None
 
     @property
     def device(self) -> torch.device:
         return self.latents.device
 
+    def unet_kwargs(self, groups: int) -> dict:
+        """The UNet's conditioning for ``groups`` row groups (uncond | cond [| cond])."""
+        kwargs = {"encoder_hidden_states": torch.cat([self.uncond] + [self.cond] * (groups - 1))}
+        if self.added_cond is not None:
+            parts = [self.added_uncond] + [self.added_cond] * (groups - 1)
+            kwargs["added_cond_kwargs"] = {key: torch.cat([part[key] for part in parts]) for key in self.added_cond}
+        return kwargs
+
+
+def added_conditioning(unet_config: dict, rows: int, size: int, generator, device, dtype):
+    """SDXL's added conditioning of random uncond and cond pooled text embeddings, and the time ids
+    a pipeline passes at ``size`` latents (original size, crop (0, 0), target size, in pixels)."""
+    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    pixels = 8 * size
+    time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], device=device, dtype=dtype).expand(rows, 6)
+    return [
+        {"text_embeds": torch.randn(rows, pooled, generator=generator, device=device, dtype=dtype),
+         "time_ids": time_ids.contiguous()}
+        for _ in range(2)
+    ]  # fmt: skip
+
+
+def build_unet(unet_config: dict, device, dtype, seed: int = 0) -> UNet2DConditionModel:
+    """A UNet of ``unet_config`` with random weights, built on ``device``, in ``dtype``."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config).eval()
+    return unet.to(dtype) if dtype != torch.float32 else unet
+
 
 def build_setup(model: str, seed: int = 0) -> StepSetup:
     spec = MODELS[model]
-    device, dtype = torch.device(spec["device"]), spec["dtype"]
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**spec["unet"]).eval()
-    if dtype != torch.float32:
-        unet = unet.to(dtype)
-    size = spec["unet"]["sample_size"]
-    rows, width = spec["images"], spec["unet"]["cross_attention_dim"]
+    return build_setup_for(spec["unet"], spec["images"], torch.device(spec["device"]), spec["dtype"], seed)
+
+
+def build_setup_for(unet_config: dict, images: int, device, dtype, seed: int = 0, unet=None) -> StepSetup:
+    """One step's inputs on a UNet of ``unet_config`` (random weights unless ``unet`` is given)."""
+    device = torch.device(device)
+    unet = build_unet(unet_config, device, dtype, seed) if unet is None else unet
+    size = unet_config["sample_size"]
+    rows, width = images, unet_config["cross_attention_dim"]
     generator = torch.Generator(device).manual_seed(seed)
     latents = torch.randn(rows, 4, size, size, generator=generator, device=device, dtype=dtype)
     uncond = torch.randn(rows, 77, width, generator=generator, device=device, dtype=dtype)
     cond = torch.randn(rows, 77, width, generator=generator, device=device, dtype=dtype)
+    added = [None, None]
+    if unet_config.get("addition_embed_type") == "text_time":
+        added = added_conditioning(unet_config, rows, size, generator, device, dtype)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)  # fmt: skip
     scheduler.set_timesteps(50, device=device)
     # The published rule resolves the attenuated blocks on each UNet (blocks=None).
-    return StepSetup(unet, scheduler, latents, uncond, cond, scheduler.timesteps[0], GuardConfig())
+    return StepSetup(unet, scheduler, latents, uncond, cond, scheduler.timesteps[0], GuardConfig(), *added)
 
 
 class EagerGuardAttention:
@@ -150,16 +218,16 @@ def make_step(setup: StepSetup, variant: str, stack: contextlib.ExitStack) -> Ca
     config = setup.config
     sync = torch.cuda.synchronize if setup.device.type == "cuda" else (lambda: None)
     if variant == "cfg":
-        text = torch.cat([setup.uncond, setup.cond])
+        conditioning = setup.unet_kwargs(2)
 
         def step():
-            eps = unet(torch.cat([setup.latents] * 2), t, encoder_hidden_states=text).sample
+            eps = unet(torch.cat([setup.latents] * 2), t, **conditioning).sample
             out = scheduler.step(cfg_guidance(*eps.chunk(2), config.guidance_scale), t, setup.latents).prev_sample
             sync()
             return out
 
         return step
-    text = torch.cat([setup.uncond, setup.cond, setup.cond])
+    conditioning = setup.unet_kwargs(3)
     if variant == "guard":  # the attenuated branch as the pipeline marks it: a slice of the batch
         stack.enter_context(attenuate_cross_attention(unet, slice(n, 2 * n), config))
     else:
@@ -168,7 +236,7 @@ def make_step(setup: StepSetup, variant: str, stack: contextlib.ExitStack) -> Ca
         stack.enter_context(eager_guard(unet, rows, config))
 
     def step():
-        eps = unet(torch.cat([setup.latents] * 3), t, encoder_hidden_states=text).sample
+        eps = unet(torch.cat([setup.latents] * 3), t, **conditioning).sample
         out = scheduler.step(combine_predictions(eps, 0, 50, config), t, setup.latents).prev_sample
         sync()
         return out
@@ -251,13 +319,13 @@ _MEDIANS: dict[tuple[str, str], float] = {}
 def _setup_for(model: str) -> StepSetup:
     spec = MODELS[model]
     if spec["device"] == "cuda" and not torch.cuda.is_available():
-        pytest.skip(f"the {model} benchmark needs a CUDA GPU (SD 1.5-sized UNet in fp16); none is available")
+        pytest.skip(f"the {model} benchmark needs a CUDA GPU (a full-sized UNet in fp16); none is available")
     if model not in _SETUPS:
         _SETUPS[model] = build_setup(model)
     return _SETUPS[model]
 
 
-@pytest.mark.parametrize("model", ["tiny", "small", "sd15"])
+@pytest.mark.parametrize("model", ["tiny", "small", "sd15", "sdxl-small", "sdxl"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_denoising_step(benchmark, model, variant):
     setup = _setup_for(model)
@@ -272,7 +340,7 @@ def test_denoising_step(benchmark, model, variant):
         _MEDIANS[(model, variant)] = benchmark.stats.stats.median
 
 
-@pytest.mark.parametrize("model", ["tiny", "small", "sd15"])
+@pytest.mark.parametrize("model", ["tiny", "small", "sd15", "sdxl-small", "sdxl"])
 def test_ratio_to_cfg(model):
     """Prints GUARD's and eager GUARD's step time as a multiple of CFG's (the floor is 1.5)."""
     if not all((model, v) in _MEDIANS for v in VARIANTS):
