@@ -107,49 +107,77 @@ def check_latents(latents: Optional[torch.Tensor], rows: int, channels: int, hei
         )
 
 
+def _get(conditioning: dict[str, Any], path: tuple[str, ...]):
+    for key in path:
+        conditioning = conditioning[key]
+    return conditioning
+
+
+def _with(conditioning: dict[str, Any], path: tuple[str, ...], value) -> dict[str, Any]:
+    """A copy of ``conditioning`` with the entry at ``path`` replaced (the rest shared, not copied)."""
+    if len(path) == 1:
+        return {**conditioning, path[0]: value}
+    return {**conditioning, path[0]: _with(conditioning[path[0]], path[1:], value)}
+
+
+#: SD's callback tensors: where each lives in a branch's conditioning.
+SD_PAIRED = {"prompt_embeds": ("encoder_hidden_states",)}
+SD_NEGATIVE = {"negative_prompt_embeds": ("encoder_hidden_states",)}
+
+
 class _CallbackEmbeddings:
     """What ``callback_on_step_end`` sees of the conditioning, laid out as the parent pipeline lays
-    it out under classifier-free guidance: ``prompt_embeds`` is ``cat([negative, positive])`` and
-    ``negative_prompt_embeds`` the negative rows; a callback that returns a tensor of the same
-    shape changes the branches from the next UNet call on."""
+    it out under classifier-free guidance: each ``paired`` name (SD's ``prompt_embeds``; SDXL's
+    also ``add_text_embeds`` and ``add_time_ids``) is ``cat([negative, positive])`` of the entry
+    at its path in the branches' conditioning, each ``negative`` name the negative rows alone; a
+    callback that returns a tensor of the same shape changes the branches from the next UNet call
+    on (the other entries, e.g. IP-Adapter image embeddings, stay as they are)."""
 
-    def __init__(self, denoiser: GuardDenoiser) -> None:
+    def __init__(self, denoiser: GuardDenoiser, paired=None, negative=None) -> None:
         self.denoiser = denoiser
-
-    def _branches(self) -> tuple[torch.Tensor, torch.Tensor]:
-        negative, positive = self.denoiser.conditioning
-        return negative["encoder_hidden_states"], positive["encoder_hidden_states"]
+        self.paired = SD_PAIRED if paired is None else paired
+        self.negative = SD_NEGATIVE if negative is None else negative
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        negative, positive = self._branches()
-        prompt_embeds = torch.cat([negative, positive]) if self.denoiser.guided else positive
-        return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
+        negative, positive = self.denoiser.conditioning
+        shown = {}
+        for name, path in self.paired.items():
+            neg, pos = _get(negative, path), _get(positive, path)
+            shown[name] = torch.cat([neg, pos]) if self.denoiser.guided else pos
+        shown.update({name: _get(negative, path) for name, path in self.negative.items()})
+        return shown
 
     def update(self, outputs: dict[str, torch.Tensor]) -> None:
-        negative, positive = self._branches()
-        if "prompt_embeds" in outputs:
-            value = outputs["prompt_embeds"]
-            guided = (2 * positive.shape[0],) + tuple(positive.shape[1:])
+        negative, positive = self.denoiser.conditioning
+        changed = False
+        for name, path in self.paired.items():
+            if name not in outputs:
+                continue
+            value, pos = outputs[name], _get(positive, path)
+            guided = (2 * pos.shape[0],) + tuple(pos.shape[1:])
             if tuple(value.shape) == guided:
-                negative, positive = value.chunk(2)
-            elif not self.denoiser.guided and tuple(value.shape) == tuple(positive.shape):
-                positive = value  # guidance off (e.g. diffusers' SDCFGCutoffCallback): the prompt's rows only
+                neg_value, pos_value = value.chunk(2)
+                negative, positive = _with(negative, path, neg_value), _with(positive, path, pos_value)
+            elif not self.denoiser.guided and tuple(value.shape) == tuple(pos.shape):
+                positive = _with(positive, path, value)  # guidance off (e.g. SDCFGCutoffCallback): the prompt's rows
             else:
                 raise ValueError(
-                    f"callback_on_step_end returned prompt_embeds of shape {tuple(value.shape)}; GUARD takes "
+                    f"callback_on_step_end returned {name} of shape {tuple(value.shape)}; GUARD takes "
                     f"cat([negative, positive]) of shape {guided}, as the parent pipeline lays it out (or, once "
-                    f"guidance is off, the positive rows, {tuple(positive.shape)})"
+                    f"guidance is off, the positive rows, {tuple(pos.shape)})"
                 )
-        if "negative_prompt_embeds" in outputs:
-            value = outputs["negative_prompt_embeds"]
-            if value.shape != negative.shape:
+            changed = True
+        for name, path in self.negative.items():
+            if name not in outputs:
+                continue
+            value, neg = outputs[name], _get(negative, path)
+            if value.shape != neg.shape:
                 raise ValueError(
-                    f"callback_on_step_end returned negative_prompt_embeds of shape {tuple(value.shape)},"
-                    f" expected {tuple(negative.shape)}"
+                    f"callback_on_step_end returned {name} of shape {tuple(value.shape)}, expected {tuple(neg.shape)}"
                 )
-            negative = value
-        if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
-            self.denoiser.set_conditioning({"encoder_hidden_states": negative}, {"encoder_hidden_states": positive})
+            negative, changed = _with(negative, path, value), True
+        if changed:
+            self.denoiser.set_conditioning(negative, positive)
 
 
 class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 
+from .sampling import _stack, _take
+
 
 @dataclass(frozen=True)
 class EmbeddingOptimization:
@@ -41,12 +43,16 @@ def optimize_prompt_embeddings(
     iterations: int,
     target_loss: float,
     unet_kwargs: Optional[dict[str, Any]] = None,
+    added_cond_kwargs: Optional[tuple[dict[str, Any], dict[str, Any]]] = None,
 ) -> tuple[torch.Tensor, EmbeddingOptimization]:
     """The prompt embeddings after Wen et al.'s optimisation, laid out as ``positive``.
 
     ``latents`` (prompts x images rows), ``negative`` and ``positive`` are the pipeline's, rows in
     prompt-major order with each prompt's ``images_per_prompt`` rows together (``positive``'s rows
     of one prompt are equal: the prompt's embedding repeated). ``timestep`` is the first step's.
+    ``added_cond_kwargs``: the UNet's added conditioning of the unconditional and of the prompt's
+    rows (SDXL's pooled embeddings and time ids), one row per image like ``negative``; each update
+    takes the rows of the prompts still optimised.
     """
     prompts = positive.shape[0] // images_per_prompt
     embeddings = [positive[p * images_per_prompt].detach().clone().requires_grad_(True) for p in range(prompts)]
@@ -65,7 +71,10 @@ def optimize_prompt_embeddings(
             cond = torch.cat([embeddings[p].unsqueeze(0).expand(images_per_prompt, -1, -1) for p in active])
             states = torch.cat([negative.index_select(0, index), cond])
             sample = torch.cat([scaled.index_select(0, index)] * 2)
-            noise = unet(sample, timestep, encoder_hidden_states=states, return_dict=False, **(unet_kwargs or {}))[0]
+            kwargs = dict(unet_kwargs or {})
+            if added_cond_kwargs is not None:
+                kwargs["added_cond_kwargs"] = _stack([_take(part, index) for part in added_cond_kwargs])
+            noise = unet(sample, timestep, encoder_hidden_states=states, return_dict=False, **kwargs)[0]
             eps_u, eps_c = noise.chunk(2)
             delta = (eps_c - eps_u).float().view(len(active), images_per_prompt, -1)
             per_prompt = torch.linalg.vector_norm(delta.flatten(1), dim=1)  # one loss per prompt, as released
