@@ -114,6 +114,32 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
 
 
+def tiny_ip_adapter(unet, image_embed_dim: int = 8) -> dict:
+    """An IP-Adapter state dict for a UNet (random weights, laid out as diffusers loads them)."""
+    generator = torch.Generator().manual_seed(3)
+    cross = unet.config.cross_attention_dim
+    image_proj = {
+        "proj.weight": 0.2 * torch.randn(4 * cross, image_embed_dim, generator=generator),
+        "proj.bias": torch.zeros(4 * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    ip_adapter, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            block = name.split(".")[0]
+            if block == "mid_block":
+                hidden = unet.config.block_out_channels[-1]
+            elif block == "up_blocks":
+                hidden = list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])]
+            else:
+                hidden = unet.config.block_out_channels[int(name.split(".")[1])]
+            for kind in ("to_k_ip", "to_v_ip"):
+                ip_adapter[f"{key_id}.{kind}.weight"] = 0.2 * torch.randn(hidden, cross, generator=generator)
+            key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
 # ----------------------------------------------------------------------------------------------
 # Independent eager GUARD
 
@@ -310,3 +336,74 @@ def eager_related_latents(
     finally:
         unet.set_attn_processor(originals)
     return x
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny SDXL-shaped pipeline
+
+SDXL_TEXT_DIM = 16  # each of the two text encoders; the UNet's cross-attention takes both, concatenated
+SDXL_TIME_DIM = 4  # addition_time_embed_dim
+
+
+def tiny_sdxl_unet() -> UNet2DConditionModel:
+    """SDXL's layout in small: down_blocks.0 without cross-attention, down_blocks.1 and .2 and the
+    mid block with several transformer layers each, cross-attention in two up blocks (GUARD leaves
+    those plain), added text-time conditioning (pooled embedding + 6 size ids)."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        cross_attention_dim=2 * SDXL_TEXT_DIM,
+        attention_head_dim=(2, 4, 4),  # head counts, as SDXL's config gives them
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_TEXT_DIM,
+    )
+
+
+def _sdxl_text_config(tokenizer, seed: int) -> CLIPTextConfig:
+    torch.manual_seed(seed)
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=SDXL_TEXT_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=SDXL_TEXT_DIM,
+    )
+
+
+def tiny_sdxl_components() -> dict:
+    """Components of a tiny SDXL base pipeline: two text encoders (the second with a projection, whose
+    pooled output is the UNet's ``text_embeds``) sharing the offline tokenizer."""
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(_sdxl_text_config(tokenizer, 2)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_sdxl_text_config(tokenizer, 3)).eval()
+    return {
+        "unet": tiny_sdxl_unet().eval(),
+        "vae": tiny_vae().eval(),
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "scheduler": tiny_scheduler(),
+        "image_encoder": None,
+        "feature_extractor": None,
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": False,
+    }

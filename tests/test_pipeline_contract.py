@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-from sampler_utils import PROMPTS, initial_latents, relative_error, tiny_components
+from sampler_utils import PROMPTS, initial_latents, relative_error, tiny_components, tiny_ip_adapter
 
 from guard.config import GuardConfig
 from guard.pipeline import StableDiffusionGuardPipeline
@@ -103,35 +103,9 @@ def test_the_deprecated_callback_is_called_as_in_the_parent(pipes):
         call(guard, denoising_strength=0.5)
 
 
-def _tiny_ip_adapter(unet, image_embed_dim: int = 8) -> dict:
-    """An IP-Adapter state dict for a UNet (random weights, laid out as diffusers loads them)."""
-    generator = torch.Generator().manual_seed(3)
-    cross = unet.config.cross_attention_dim
-    image_proj = {
-        "proj.weight": 0.2 * torch.randn(4 * cross, image_embed_dim, generator=generator),
-        "proj.bias": torch.zeros(4 * cross),
-        "norm.weight": torch.ones(cross),
-        "norm.bias": torch.zeros(cross),
-    }
-    ip_adapter, key_id = {}, 1
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            block = name.split(".")[0]
-            if block == "mid_block":
-                hidden = unet.config.block_out_channels[-1]
-            elif block == "up_blocks":
-                hidden = list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])]
-            else:
-                hidden = unet.config.block_out_channels[int(name.split(".")[1])]
-            for kind in ("to_k_ip", "to_v_ip"):
-                ip_adapter[f"{key_id}.{kind}.weight"] = 0.2 * torch.randn(hidden, cross, generator=generator)
-            key_id += 2
-    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
-
-
 def test_ip_adapter_embeddings_work_and_cfg_equals_the_parent():
     components = tiny_components()
-    components["unet"]._load_ip_adapter_weights([_tiny_ip_adapter(components["unet"])], low_cpu_mem_usage=False)
+    components["unet"]._load_ip_adapter_weights([tiny_ip_adapter(components["unet"])], low_cpu_mem_usage=False)
     stock, guard = StableDiffusionPipeline(**components), StableDiffusionGuardPipeline(**components)
     embeds, others = ([torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(seed))] for seed in (4, 5))
     expected = call(stock, ip_adapter_image_embeds=embeds).images  # each cat([negative, positive]) per adapter
