@@ -17,6 +17,8 @@ _EXPORTS = {
     "PRESETS": "config",
     "StableDiffusionGuardPipeline": "pipeline",
     "GuardPipelineOutput": "pipeline",
+    "StableDiffusionXLGuardPipeline": "pipeline_sdxl",
+    "GuardXLPipelineOutput": "pipeline_sdxl",
     "attenuate_cross_attention": "attention",
     "AttenuationSession": "attention",
     "GuardCrossAttnProcessor": "attention",
