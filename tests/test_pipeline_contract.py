@@ -120,6 +120,13 @@ def test_ip_adapter_embeddings_work_and_cfg_equals_the_parent():
     other_images = call(guard, guard_config=GuardConfig(), ip_adapter_image_embeds=others).images
     assert relative_error(with_guard.images, other_images) > 1e-3  # GUARD keeps the adapter's part
 
+    def unprompted(pipeline, step, timestep, tensors):  # replaces the text only; the image embeddings stay
+        return {"prompt_embeds": torch.zeros_like(tensors["prompt_embeds"])}
+
+    kwargs = dict(callback_on_step_end=unprompted, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    expected = call(stock, ip_adapter_image_embeds=embeds, **kwargs).images
+    assert relative_error(call(guard, ip_adapter_image_embeds=embeds, **kwargs).images, expected) <= TOLERANCE
+
 
 def test_attention_slicing_and_components(pipes):
     stock, guard = pipes
