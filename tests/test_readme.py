@@ -4,12 +4,13 @@ import re
 from pathlib import Path
 
 import pytest
-from sampler_utils import tiny_components
+from sampler_utils import tiny_components, tiny_sdxl_components
 
-from guard import StableDiffusionGuardPipeline
+from guard import StableDiffusionGuardPipeline, StableDiffusionXLGuardPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "CompVis/stable-diffusion-v1-4"
+HUB_ID_XL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -24,23 +25,35 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def test_the_readme_code_runs_in_order(tiny_folder, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_xl_folder(tmp_path_factory):
+    """A tiny SDXL-shaped pipeline saved as a local folder, standing in for SDXL base's hub id."""
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    StableDiffusionXLGuardPipeline(**tiny_sdxl_components()).save_pretrained(folder)
+    return folder
+
+
+def test_the_readme_code_runs_in_order(tiny_folder, tiny_xl_folder, tmp_path, monkeypatch):
     blocks = python_blocks(REPO / "README.md")
-    assert len(blocks) == 3 and all(HUB_ID not in block for block in blocks[1:])
-    assert "torch_dtype" not in "".join(blocks)  # diffusers' current keyword is dtype=
-    monkeypatch.chdir(tmp_path)  # the first block saves guarded.png
+    assert len(blocks) == 4 and all(HUB_ID not in block for block in blocks[1:])
+    assert HUB_ID_XL in blocks[1] and "torch_dtype" not in "".join(blocks)  # diffusers' current keyword is dtype=
+    monkeypatch.chdir(tmp_path)  # the first blocks save guarded.png and guarded_xl.png
     namespace: dict = {}
 
     def run(block):
-        exec(compile(block.replace(HUB_ID, str(tiny_folder)), "README.md", "exec"), namespace)
+        block = block.replace(HUB_ID_XL, str(tiny_xl_folder)).replace(HUB_ID, str(tiny_folder))
+        exec(compile(block, "README.md", "exec"), namespace)
 
     run(blocks[0])  # the pipeline, from the (stand-in) hub id
     assert (tmp_path / "guarded.png").is_file()
     assert namespace["out"].report.num_steps == 50 and len(namespace["out"].images) == 4
-    run(blocks[1])  # a loop of one's own, on that pipeline's parts
+    run(blocks[1])  # the SDXL pipeline, from its (stand-in) hub id
+    assert (tmp_path / "guarded_xl.png").is_file() and namespace["out_xl"].report.num_steps == 30
+    assert namespace["out_xl"].report.layer_names[0].startswith("down_blocks.1.")
+    run(blocks[2])  # a loop of one's own, on the SD pipeline's parts
     assert set(namespace["spike_counts"]) and namespace["x"].shape == (2, 4, 8, 8)
     assert namespace["x"].isfinite().all()
-    run(blocks[2])  # the kernel on its own
+    run(blocks[3])  # the kernel on its own
     assert namespace["out"].shape == namespace["q"].shape and namespace["stats"].spikes[1].any()
     assert not namespace["stats"].spikes[0].any()
 
