@@ -20,6 +20,7 @@ from sampler_utils import (
 )
 
 import guard
+import guard.detection
 from guard.config import PRESETS, GuardConfig
 from guard.pipeline_sdxl import GuardXLPipelineOutput, StableDiffusionXLGuardPipeline
 
@@ -426,3 +427,15 @@ def test_sdxl_inputs_and_models_it_cannot_take_give_clear_errors(pipes):
     components["unet"].register_to_config(time_cond_proj_dim=8)
     with pytest.raises(ValueError, match="guidance-distilled"):
         call(StableDiffusionXLGuardPipeline(**components))
+
+
+def test_detect_screens_prompts_on_sdxl(pipes):
+    _, pipe, _ = pipes
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        scores = guard.detection.detect(pipe, list(PROMPTS), steps=1, num_inference_steps=STEPS)
+    finally:
+        hook.remove()
+    assert seen == [6] and scores.steps == 1  # one UNet call, GUARD's three rows per prompt
+    assert all(scores.get(name).shape == (2, 1) for name in ("wen", "cosine", "entropy"))
