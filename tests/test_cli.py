@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from guard.cli import CLIError, _guard_config, build_parser, folder_pipeline_class, guard_pipeline_class, main
@@ -196,52 +195,16 @@ def test_every_method_runs_at_the_testbed_guidance_scale_and_the_gate_can_be_set
 # SD or SDXL, chosen by the folder's model_index.json
 
 
-def tiny_sdxl_pipeline():
-    """A stock StableDiffusionXLPipeline at test size: two CLIP text encoders (the second with a
-    projection, whose pooled output is SDXL's text_embeds), a UNet with SDXL's layout (no
-    cross-attention in the first down block, more transformer layers deeper, text_time added
-    conditioning), the offline tokenizer for both text encoders."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from sampler_utils import TEXT_DIM, tiny_vae
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from guard.testbed.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    text_config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=TEXT_DIM, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu", projection_dim=TEXT_DIM,
-    )  # fmt: skip
-    torch.manual_seed(3)
-    text_encoder, text_encoder_2 = CLIPTextModel(text_config).eval(), CLIPTextModelWithProjection(text_config).eval()
-    torch.manual_seed(4)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=2 * TEXT_DIM,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8,  # pooled text + 6 time ids x 8
-    ).eval()  # fmt: skip
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
-    pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae().eval(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """Folders holding a tiny SD and a tiny SDXL pipeline, as save_pretrained writes them."""
-    from sampler_utils import stock_pipeline
+    from diffusers import StableDiffusionXLPipeline
+    from sampler_utils import stock_pipeline, tiny_sdxl_components
 
     root = tmp_path_factory.mktemp("models")
     stock_pipeline().save_pretrained(root / "sd")
-    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
+    # A stock SDXL pipeline: two CLIP text encoders, SDXL's UNet layout (text_time added conditioning).
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(root / "sdxl")
     return root
 
 
