@@ -1,7 +1,15 @@
-"""One run on a GPU: correctness of the fused kernel, its benchmark, and the SD 1.5 UNet total.
+"""One run on a GPU: correctness of the fused kernel, its benchmarks, and GUARD's whole-model cost.
 
-    python bench/gpu_check.py [--out DIR]      # H100/H200: about 2-4 minutes
-    python bench/gpu_check.py --dry-run        # CPU: tiny shapes through the Triton interpreter
+    python bench/gpu_check.py [--out DIR]      # H100/H200: about 5-6 minutes (Triton and inductor compiles included)
+    python bench/gpu_check.py --dry-run        # CPU: tiny shapes and models, Triton through its interpreter
+
+Every stage runs. Each gets a time budget: its share (STAGE_SHARES) of what is left of the total
+(``--budget-s``, default DEFAULT_BUDGET_S) for the stages not yet run, so a stage that overruns
+takes from the later ones and one that finishes early leaves them more. A stage past its budget
+cuts repetitions (quicker timings, fewer timed runs), never cases; results["stages"] records each
+budget, the time spent and what was cut. Failures (a stage's exception, a CUDA graph that could
+not be captured, a gate that did not clear what it should) are entries of results["errors"], and
+the script exits 1 when there is any, or a correctness case failed.
 
 Stages (each writes DIR/results.json and DIR/results.md as it finishes, so a run cut short still
 leaves what it measured; DIR defaults to $OUT if set, else ./gpu_results):
@@ -17,12 +25,31 @@ leaves what it measured; DIR defaults to $OUT if set, else ./gpu_results):
 3. launch configurations: a few block sizes on two layers, to check the heuristic table.
 4. unet16: the 16 SD 1.5 cross-attention layers at batch 3 (fp16) back to back, plain and with
    GUARD on the 7 attenuated layers, against the HBM floor (minimal bytes / bandwidth).
+5. gated: whole denoising runs on an SD 1.5-shaped UNet (SD 1.5's UNet config, random weights,
+   fp16, 4 images of one prompt at 512x512, 30 DDIM steps) through guard.sampling.GuardDenoiser,
+   as the pipeline drives it: CFG, GUARD ungated, GUARD with the cosine gate clearing no image
+   (threshold 1: the gate's cost alone) and clearing every image (threshold -1: after the first
+   step only the unconditional and plain-prompt rows run, so the run approaches CFG's cost).
+6. sdxl: one denoising step (UNet, guidance, DDIM update) of GUARD and CFG on SDXL base's UNet
+   config (random weights, fp16, 2 images at 1024x1024: 128x128 latents, each row with its
+   pooled text embedding and time ids).
+7. compile: torch.compile (inductor, static shapes) of the SD 1.5-shaped UNet with GUARD's
+   processors installed (guard.attention.attenuate_cross_attention, the session passed as
+   cross_attention_kwargs, as the pipeline does): compile time, graphs and the compiled step of
+   GUARD and CFG (stock processors), each against its eager step.
+
+``--dry-run`` runs every stage on the CPU: tiny kernel shapes through the Triton interpreter,
+tiny UNets (SD- and SDXL-shaped) for stages 5-7 with a few steps, and dynamo with its "eager"
+backend instead of inductor (the tracing path, without the C++ compile).
 """
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -38,13 +65,24 @@ sys.path.insert(0, str(BENCH_DIR))
 NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 #: GPU targets of the fused kernel on SD 1.5's 64x64 layer, batch 3, fp16.
 TARGETS = dict(guard_over_sdpa=1.35, off_over_sdpa=1.15, naive_over_guard=5.0, unet16_over_floor=2.0)
+#: The total time budget (s) of a run: about 6 minutes on an H100/H200, compiles included.
+DEFAULT_BUDGET_S = 360.0
+#: Each stage's share of the total budget (of what is left of it for the stages not yet run).
+STAGE_SHARES = dict(correctness=0.17, benchmark=0.15, configs=0.05, unet16=0.05, gated=0.15, sdxl=0.13, compile=0.30)
+#: The least budget a stage gets, however late it starts (it then runs with the fewest repetitions).
+MIN_STAGE_S = 5.0
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="results folder (default: $OUT, else ./gpu_results)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes; runs on the CPU through the interpreter")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="skip stages that would start after this")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="total time budget (s), shared out among the stages; a stage past its share cuts repetitions",
+    )
     return parser.parse_args(argv)
 
 
@@ -76,6 +114,10 @@ def main(argv=None) -> dict:
         benchmark=[],
         configs=[],
         unet16={},
+        gated={},
+        sdxl={},
+        compile={},
+        stages={},
         errors=[],
     )
     if args.dry_run:
@@ -87,27 +129,42 @@ def main(argv=None) -> dict:
         guard_layers, batches, reps = bk.SD15_GUARD_LAYERS, (2, 3), None
     by_name = {shape.name: shape for shape in shapes}
     timer = Timer(cuda, reps)
+    models = ModelSpecs.for_run(args.dry_run, device)
+    errors = results["errors"]
 
     stages = [
-        ("correctness", lambda: stage_correctness(bk, shapes, device, results["correctness"], args.dry_run)),
-        ("benchmark", lambda: stage_benchmark(bk, shapes, batches, device, timer, results["benchmark"])),
-        ("configs", lambda: stage_configs(bk, shapes, device, timer, results["configs"], args.dry_run)),
+        ("correctness", lambda budget: stage_correctness(bk, shapes, device, results["correctness"], args.dry_run)),
+        ("benchmark", lambda budget: stage_benchmark(bk, shapes, batches, device, timer, results["benchmark"])),
+        ("configs", lambda budget: stage_configs(bk, shapes, device, timer, results["configs"], args.dry_run)),
         (
             "unet16",
-            lambda: results["unet16"].update(stage_unet16(bk, by_name, unet_layers, guard_layers, device, timer)),
+            lambda budget: results["unet16"].update(
+                stage_unet16(bk, by_name, unet_layers, guard_layers, device, timer, errors)
+            ),
         ),
+        ("gated", lambda budget: results["gated"].update(stage_gated(models, budget, errors))),
+        ("sdxl", lambda budget: results["sdxl"].update(stage_sdxl(models, budget))),
+        ("compile", lambda budget: results["compile"].update(stage_compile(models, budget, errors))),
     ]
+    remaining = [name for name, _ in stages]
     for name, stage in stages:
         elapsed = time.perf_counter() - started
-        if elapsed > args.budget_s:
-            results["errors"].append(f"{name}: skipped, {elapsed:.0f} s spent of the {args.budget_s:.0f} s budget")
-            continue
-        print(f"== {name} (t={elapsed:.0f} s)", flush=True)
+        shares_left = sum(STAGE_SHARES[other] for other in remaining)
+        remaining.remove(name)
+        budget = Budget(max(MIN_STAGE_S, (args.budget_s - elapsed) * STAGE_SHARES[name] / shares_left))
+        timer.budget = budget
+        print(f"== {name} (t={elapsed:.0f} s, budget {budget.seconds:.0f} s)", flush=True)
         try:
-            stage()
+            stage(budget)
         except Exception:  # keep the other stages' results
-            results["errors"].append(f"{name}: {traceback.format_exc()}")
-            print(results["errors"][-1], flush=True)
+            errors.append(f"{name}: {traceback.format_exc()}")
+            print(errors[-1], flush=True)
+        finally:
+            timer.budget = None
+            models.release(name)
+        results["stages"][name] = dict(
+            budget_s=round(budget.seconds, 1), spent_s=round(budget.spent(), 1), cut=budget.cuts
+        )
         results["meta"]["elapsed_s"] = round(time.perf_counter() - started, 1)
         write_results(results, out_dir)
     print(render_markdown(results), flush=True)
@@ -118,19 +175,58 @@ def main(argv=None) -> dict:
 # ----------------------------------------------------------------------------- timing
 
 
+class Budget:
+    """A stage's time budget; past it, the stage cuts repetitions (``cuts``: how often each cut was made)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+        self.cuts: dict[str, int] = {}
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.spent()
+
+    @property
+    def over(self) -> bool:
+        return self.left() <= 0
+
+    def reps(self, seconds_each: float, most: int, least: int = 1, what: str = "runs") -> int:
+        """How many repetitions of ``seconds_each`` fit what is left, between ``least`` and ``most``."""
+        fit = most if seconds_each <= 0 else int(max(0.0, self.left()) / seconds_each)
+        count = max(least, min(most, fit))
+        if count < most:
+            self.cut(f"{what}: {count} of {most}")
+        return count
+
+    def cut(self, note: str) -> None:
+        self.cuts[note] = self.cuts.get(note, 0) + 1
+
+
 class Timer:
-    """Median seconds per call: triton.testing.do_bench on a GPU, wall clock when interpreting."""
+    """Median seconds per call: triton.testing.do_bench on a GPU, wall clock when interpreting.
+
+    With a ``budget`` that is spent, a timing is quick (a few milliseconds of repetitions on a
+    GPU, one call when interpreting) and the budget records the cut.
+    """
 
     def __init__(self, cuda: bool, reps=None):
         self.cuda, self.reps = cuda, reps
+        self.budget = None
 
     def __call__(self, fn) -> float:
+        quick = self.budget is not None and self.budget.over
+        if quick:
+            self.budget.cut("quick timing")
         if self.cuda:
             from triton.testing import do_bench
 
-            return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+            warmup, rep = (2, 10) if quick else (25, 100)
+            return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e-3
         times = []
-        for _ in range(self.reps or 3):
+        for _ in range(1 if quick else self.reps or 3):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
@@ -302,7 +398,7 @@ def stage_configs(bk, shapes, device, timer, rows, dry_run):
 # ----------------------------------------------------------------------------- stage 4: UNet total
 
 
-def stage_unet16(bk, by_name, layer_names, guard_layers, device, timer):
+def stage_unet16(bk, by_name, layer_names, guard_layers, device, timer, errors):
     dtype = torch.float16
     layers = [by_name[name] for name in layer_names]
     inputs = [bk.make_inputs(shape, 3, dtype, device, seed=i) for i, shape in enumerate(layers)]
@@ -328,7 +424,7 @@ def stage_unet16(bk, by_name, layer_names, guard_layers, device, timer):
                 call()
 
         seconds = timer(run_all)
-        graph_seconds = cuda_graph_seconds(run_all, timer) if device == "cuda" else None
+        graph_seconds = cuda_graph_seconds(run_all, timer, errors, f"unet16 {name}") if device == "cuda" else None
         nbytes = guard_bytes if name == "fused_guard" else floor_bytes
         result[name] = dict(
             us=seconds * 1e6,
@@ -341,8 +437,9 @@ def stage_unet16(bk, by_name, layer_names, guard_layers, device, timer):
     return result
 
 
-def cuda_graph_seconds(run_all, timer):
-    """The same sequence replayed from a CUDA graph: GPU time without host launch overhead."""
+def cuda_graph_seconds(run_all, timer, errors, label):
+    """The same sequence replayed from a CUDA graph: GPU time without host launch overhead; None,
+    with an entry in ``errors``, when the capture fails."""
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -353,9 +450,307 @@ def cuda_graph_seconds(run_all, timer):
         with torch.cuda.graph(graph):
             run_all()
         return timer(graph.replay)
-    except Exception as error:  # report, do not fail the stage
-        print(f"  CUDA graph capture failed: {error!r}", flush=True)
+    except Exception as error:  # an error entry, and the stage goes on without the graph timing
+        errors.append(f"{label}: CUDA graph capture failed: {error!r}")
         return None
+
+
+# ----------------------------------------------------------------------------- stages 5-7: whole models
+
+#: An SDXL-shaped UNet at test size for --dry-run (SDXL's block layout and added conditioning).
+TINY_SDXL_UNET = {
+    "sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"), "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2), "attention_head_dim": (2, 4), "use_linear_projection": True,
+    "cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class ModelSpecs:
+    """The UNets and run sizes of stages 5-7 (full-sized on a GPU, tiny for --dry-run), and the
+    SD 1.5-shaped UNet that stages 5 and 7 share, built once."""
+
+    device: str
+    dtype: torch.dtype
+    sd_unet: dict  # UNet2DConditionModel config of stages 5 and 7
+    sdxl_unet: dict  # of stage 6
+    images: int  # stages 5 and 7
+    steps: int  # DDIM steps of a stage 5 run
+    sdxl_images: int
+    compile_backend: str
+    most_rounds: int  # timed runs per variant in stage 5
+    most_steps: int  # timed steps per variant in stages 6 and 7
+    sd_name: str = "SD 1.5 UNet config"
+    sdxl_name: str = "SDXL base UNet config"
+    cache: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, dry_run: bool, device: str) -> "ModelSpecs":
+        import bench_sampler as bs
+
+        if dry_run:
+            return cls(device, torch.float32, bs.MODELS["tiny"]["unet"], TINY_SDXL_UNET, images=2, steps=3,
+                       sdxl_images=2, compile_backend="eager", most_rounds=2, most_steps=2,
+                       sd_name="tiny SD-shaped UNet", sdxl_name="tiny SDXL-shaped UNet")  # fmt: skip
+        return cls(device, torch.float16, bs.MODELS["sd15"]["unet"], bs.SDXL_UNET, images=4, steps=30,
+                   sdxl_images=2, compile_backend="inductor", most_rounds=3, most_steps=10)  # fmt: skip
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def sd(self):
+        """The SD 1.5-shaped UNet (random weights), built on first use."""
+        if "sd" not in self.cache:
+            import bench_sampler as bs
+
+            self.cache["sd"] = bs.build_unet(self.sd_unet, self.device, self.dtype)
+        return self.cache["sd"]
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def release(self, stage: str) -> None:
+        """Free what a stage leaves behind (the shared UNet after the last stage that uses it)."""
+        if stage == "compile":
+            self.cache.clear()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def timed(fn, sync) -> tuple[float, object]:
+    """Seconds of one call of ``fn`` (synchronised), and its result."""
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - start, result
+
+
+def branch_conditioning(setup) -> tuple[dict, dict]:
+    """GuardDenoiser's conditioning per branch (SDXL's added conditioning when the setup has it)."""
+    negative, positive = {"encoder_hidden_states": setup.uncond}, {"encoder_hidden_states": setup.cond}
+    if setup.added_cond is not None:
+        negative["added_cond_kwargs"], positive["added_cond_kwargs"] = setup.added_uncond, setup.added_cond
+    return negative, positive
+
+
+def denoise(unet, setup, config, steps: int, backend: str = "auto"):
+    """A whole DDIM run of ``steps`` steps from ``setup``'s latents, as GUARD's pipelines drive it
+    (guard.sampling.GuardDenoiser, the session as cross_attention_kwargs); (latents, denoiser)."""
+    from diffusers import DDIMScheduler
+
+    from guard.sampling import GuardDenoiser, _attenuated_branch
+
+    scheduler = DDIMScheduler.from_config(setup.scheduler.config)
+    scheduler.set_timesteps(steps, device=setup.device)
+    images, num_keys = setup.latents.shape[0], setup.cond.shape[1]
+    with contextlib.ExitStack() as stack:
+        session = None
+        if config.attenuates:
+            branch = _attenuated_branch(unet, config, images, num_keys, setup.device, backend)
+            session = stack.enter_context(branch)
+        denoiser = GuardDenoiser(config, steps, scheduler.order, images=images, session=session)
+        denoiser.set_conditioning(*branch_conditioning(setup))
+        kwargs = None if session is None else session.unet_kwargs
+        latents = setup.latents * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            latents = denoiser(unet, scheduler, latents, t, i, kwargs)
+    return latents, denoiser
+
+
+#: Stage 5's variants: (method, cosine gate threshold). The gate clears an image whose guidance
+#: cosine is above the threshold: above 1 never (no image cleared), above -1 always (every one).
+GATED_VARIANTS = {
+    "cfg": ("cfg", None),
+    "guard": ("guard", None),
+    "guard_gate_none": ("guard", 1.0),
+    "guard_gate_all": ("guard", -1.0),
+}
+
+
+def gated_config(variant: str):
+    from guard.config import GuardConfig
+
+    method, threshold = GATED_VARIANTS[variant]
+    if method != "guard":
+        return GuardConfig.preset(method)
+    return GuardConfig(gate_threshold=threshold, gate_detector="cosine") if threshold is not None else GuardConfig()
+
+
+def stage_gated(models: ModelSpecs, budget: Budget, errors: list) -> dict:
+    import bench_sampler as bs
+
+    unet = models.sd()
+    setup = bs.build_setup_for(models.sd_unet, models.images, models.device, models.dtype, unet=unet)
+    n = models.images
+    result = dict(model=models.sd_name, dtype=models.dtype_name, images=n, steps=models.steps, variants={})
+    finals = {}
+    with torch.inference_mode():
+        for variant in GATED_VARIANTS:  # warm-up runs (Triton compiles), with the UNet's batch per call
+            config = gated_config(variant)
+            rows = []
+            hook = unet.register_forward_pre_hook(lambda module, args, rows=rows: rows.append(int(args[0].shape[0])))
+            try:
+                run = lambda config=config: denoise(unet, setup, config, models.steps)
+                seconds, (latents, denoiser) = timed(run, models.sync)
+            finally:
+                hook.remove()
+            cleared = None if denoiser.cleared is None else int(denoiser.cleared.sum())
+            finals[variant] = latents
+            result["variants"][variant] = dict(
+                warmup_s=seconds, runs_s=[], rows_first=rows[0], rows_last=rows[-1], unet_rows=sum(rows),
+                cleared=cleared, finite=bool(torch.isfinite(latents).all()),
+            )  # fmt: skip
+            print(f"  {variant}: warm-up {seconds:.2f} s, UNet rows {rows[0]} then {rows[-1]}, cleared {cleared}",
+                  flush=True)  # fmt: skip
+        rounds, round_index = models.most_rounds, 0
+        while round_index < rounds:  # rounds interleave the variants, so drifting clocks hit them alike
+            round_start = time.perf_counter()
+            for variant, entry in result["variants"].items():
+                config = gated_config(variant)
+                run = lambda config=config: denoise(unet, setup, config, models.steps)
+                entry["runs_s"].append(timed(run, models.sync)[0])
+            round_index += 1
+            if round_index == 1:  # the first round's time says how many more fit the budget
+                more = models.most_rounds - 1
+                rounds = 1 + budget.reps(time.perf_counter() - round_start, more, least=0, what="more timed rounds")
+    variants = result["variants"]
+    for variant, entry in variants.items():
+        entry["s"] = statistics.median(entry["runs_s"])
+        entry["over_cfg"] = entry["s"] / statistics.median(variants["cfg"]["runs_s"])
+        if not entry["finite"]:
+            errors.append(f"gated {variant}: non-finite final latents")
+    # The gate's decisions must be the intended ones, and clearing nothing must change nothing.
+    if variants["guard_gate_all"]["cleared"] != n or variants["guard_gate_all"]["rows_last"] != 2 * n:
+        errors.append(f"gated guard_gate_all: expected {n} images cleared and {2 * n} UNet rows after the gate,"
+                      f" got {variants['guard_gate_all']}")  # fmt: skip
+    if variants["guard_gate_none"]["cleared"] != 0 or variants["guard_gate_none"]["rows_last"] != 3 * n:
+        errors.append(f"gated guard_gate_none: expected no image cleared, got {variants['guard_gate_none']}")
+    result["gate_none_max_diff"] = (finals["guard_gate_none"] - finals["guard"]).abs().max().item()
+    for variant, entry in variants.items():
+        print(f"  {variant}: {entry['s']:.3f} s per run ({entry['over_cfg']:.2f}x CFG)", flush=True)
+    return result
+
+
+def stage_sdxl(models: ModelSpecs, budget: Budget) -> dict:
+    import bench_sampler as bs
+
+    setup = bs.build_setup_for(models.sdxl_unet, models.sdxl_images, models.device, models.dtype)
+    size = models.sdxl_unet["sample_size"]
+    result = dict(model=models.sdxl_name, dtype=models.dtype_name, images=models.sdxl_images,
+                  latents=f"{size}x{size}", variants={})  # fmt: skip
+    variants = ("cfg", "guard")
+    with torch.inference_mode():
+        for variant in variants:  # warm-up (Triton compiles for SDXL's layers), peak memory
+            with contextlib.ExitStack() as stack:
+                step = bs.make_step(setup, variant, stack)
+                seconds, out = timed(step, models.sync)
+                warm_s = timed(step, models.sync)[0]
+                peak = bs.peak_memory_bytes(step, setup.device) if models.device == "cuda" else None
+            result["variants"][variant] = dict(warmup_s=seconds, warm_s=warm_s, steps_s=[], peak_bytes=peak,
+                                               finite=bool(torch.isfinite(out).all()))  # fmt: skip
+        estimate = sum(v["warm_s"] for v in result["variants"].values())
+        steps = budget.reps(estimate, models.most_steps, least=2, what="timed steps")
+        for variant in variants:
+            with contextlib.ExitStack() as stack:
+                step = bs.make_step(setup, variant, stack)
+                step()
+                for _ in range(steps):
+                    result["variants"][variant]["steps_s"].append(timed(step, models.sync)[0])
+    for entry in result["variants"].values():
+        entry["ms"] = 1e3 * statistics.median(entry["steps_s"])
+        entry["min_ms"] = 1e3 * min(entry["steps_s"])
+    for variant, entry in result["variants"].items():
+        entry["over_cfg"] = entry["ms"] / result["variants"]["cfg"]["ms"]
+        print(f"  {variant}: {entry['ms']:.1f} ms per step ({entry['over_cfg']:.2f}x CFG)", flush=True)
+    del setup
+    return result
+
+
+def compile_step(call_unet, setup, groups: int, config, session=None):
+    """One denoising step through ``call_unet`` (a UNet or its compiled module): CFG (2 row
+    groups) or GUARD (3, with ``session`` passed as cross_attention_kwargs)."""
+    from guard.guidance import cfg_guidance, combine_predictions
+
+    conditioning = setup.unet_kwargs(groups)
+    if session is not None:
+        conditioning["cross_attention_kwargs"] = session.unet_kwargs
+    latents, t, scheduler = setup.latents, setup.timestep, setup.scheduler
+
+    def step():
+        eps = call_unet(torch.cat([latents] * groups), t, **conditioning).sample
+        if groups == 2:
+            guided = cfg_guidance(*eps.chunk(2), config.guidance_scale)
+        else:
+            guided = combine_predictions(eps, 0, 50, config)
+        return scheduler.step(guided, t, latents).prev_sample
+
+    return step
+
+
+def stage_compile(models: ModelSpecs, budget: Budget, errors: list) -> dict:
+    import bench_sampler as bs
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from guard.config import GuardConfig
+    from guard.sampling import _attenuated_branch
+    from guard_kernels.testing import rel_err
+
+    unet = models.sd()
+    setup = bs.build_setup_for(models.sd_unet, models.images, models.device, models.dtype, unet=unet)
+    n, config = models.images, GuardConfig()
+    result = dict(model=models.sd_name, dtype=models.dtype_name, images=n, backend=models.compile_backend,
+                  variants={})  # fmt: skip
+    tolerance = 5e-2 if models.dtype == torch.float16 else 1e-4
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(unet, backend=models.compile_backend, dynamic=False)
+    variants = ("cfg", "guard")
+    try:
+        with torch.no_grad():
+            for index, variant in enumerate(variants):
+                with contextlib.ExitStack() as stack:
+                    session = None
+                    if variant == "guard":  # GUARD's processors on every attn2 layer, as the pipeline installs them
+                        branch = _attenuated_branch(unet, config, n, setup.cond.shape[1], setup.device, "auto")
+                        session = stack.enter_context(branch)
+                    groups = 3 if variant == "guard" else 2
+                    eager = compile_step(unet, setup, groups, config, session)
+                    fast = compile_step(compiled, setup, groups, config, session)
+                    eager_s, eager_out = timed(eager, models.sync)  # warm (Triton compiles)
+                    compile_s, out = timed(fast, models.sync)  # dynamo + the backend's compile
+                    second_s, _ = timed(fast, models.sync)
+                    estimate = (eager_s + second_s) * (len(variants) - index)
+                    steps = budget.reps(estimate, models.most_steps, least=2, what=f"{variant} timed steps")
+                    eager_steps = [timed(eager, models.sync)[0] for _ in range(steps)]
+                    compiled_steps = [timed(fast, models.sync)[0] for _ in range(steps)]
+                    again = fast()
+                entry = dict(
+                    compile_s=compile_s, second_call_s=second_s,
+                    eager_ms=1e3 * statistics.median(eager_steps), compiled_ms=1e3 * statistics.median(compiled_steps),
+                    steps=steps, graphs=int(counters["stats"]["unique_graphs"]),
+                    rel_diff_vs_eager=rel_err(out, eager_out),
+                    deterministic=bool(torch.equal(out, again)),
+                )  # fmt: skip
+                entry["speedup"] = entry["eager_ms"] / entry["compiled_ms"]
+                result["variants"][variant] = entry
+                if not entry["rel_diff_vs_eager"] <= tolerance:
+                    errors.append(f"compile {variant}: compiled step differs from the eager one by"
+                                  f" {entry['rel_diff_vs_eager']:.3g} (relative, > {tolerance})")  # fmt: skip
+                print(f"  {variant}: compile {compile_s:.1f} s, eager {entry['eager_ms']:.1f} ms, compiled"
+                      f" {entry['compiled_ms']:.1f} ms, graphs {entry['graphs']}", flush=True)  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    cfg, guard = result["variants"].get("cfg"), result["variants"].get("guard")
+    if cfg and guard:
+        result["guard_over_cfg_compiled"] = guard["compiled_ms"] / cfg["compiled_ms"]
+        result["guard_over_cfg_eager"] = guard["eager_ms"] / cfg["eager_ms"]
+    return result
 
 
 # ----------------------------------------------------------------------------- output
@@ -444,10 +839,78 @@ def render_markdown(results) -> str:
         ]  # fmt: skip
         header = ["sequence", "us:", "CUDA graph us:", "x nominal floor:", "x copy floor:", "graph x nominal floor:"]
         lines += markdown_table(header, rows)
+    lines += render_models(results)
+    stages = results.get("stages", {})
+    if stages:
+        lines += ["## Stage budgets", ""]
+        rows = [[name, f"{entry['budget_s']:.0f}", f"{entry['spent_s']:.0f}", _cuts(entry["cut"])]
+                for name, entry in stages.items()]  # fmt: skip
+        lines += markdown_table(["stage", "budget s:", "spent s:", "cut (past the budget)"], rows)
     lines += targets_summary(results)
     if results["errors"]:
         lines += ["## Errors", ""] + [f"```\n{error}\n```" for error in results["errors"]]
     return "\n".join(lines)
+
+
+def _cuts(cuts: dict) -> str:
+    """A stage's cuts, with how often each was made."""
+    return "; ".join(note if count == 1 else f"{note} (x{count})" for note, count in cuts.items())
+
+
+def render_models(results) -> list:
+    """The markdown of stages 5-7."""
+    lines = []
+    gated = results.get("gated")
+    if gated and gated.get("variants"):
+        lines += [
+            f"## Gated runs: {gated['model']}, {gated['dtype']}, {gated['images']} images, {gated['steps']} DDIM"
+            " steps, whole runs (median s)",
+            "",
+        ]
+        rows = [
+            [name, f"{v['s']:.3f}", f"{v['over_cfg']:.2f}", len(v["runs_s"]), f"{v['rows_first']} / {v['rows_last']}",
+             v["unet_rows"], "" if v["cleared"] is None else v["cleared"], v["finite"]]
+            for name, v in gated["variants"].items() if "s" in v
+        ]  # fmt: skip
+        header = ["variant", "s per run:", "x CFG:", "timed runs:", "UNet rows first / last step", "UNet rows total:",
+                  "images cleared:", "finite"]  # fmt: skip
+        lines += markdown_table(header, rows)
+        if "gate_none_max_diff" in gated:
+            difference = gated["gate_none_max_diff"]
+            lines += [f"Gate clearing none vs ungated GUARD, max |latent difference|: {difference:.3g}", ""]
+    sdxl = results.get("sdxl")
+    if sdxl and sdxl.get("variants"):
+        lines += [
+            f"## SDXL step: {sdxl['model']}, {sdxl['dtype']}, {sdxl['images']} images, {sdxl['latents']} latents"
+            " (UNet + guidance + DDIM update)",
+            "",
+        ]
+        rows = [
+            [name, f"{v['ms']:.1f}", f"{v['min_ms']:.1f}", f"{v['over_cfg']:.2f}", len(v["steps_s"]),
+             "" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**20:.0f}", v["finite"]]
+            for name, v in sdxl["variants"].items() if "ms" in v
+        ]  # fmt: skip
+        header = ["variant", "median ms:", "min ms:", "x CFG:", "timed steps:", "peak MiB:", "finite"]
+        lines += markdown_table(header, rows)
+    compiled = results.get("compile")
+    if compiled and compiled.get("variants"):
+        lines += [
+            f"## torch.compile ({compiled['backend']}, static shapes): {compiled['model']}, {compiled['dtype']},"
+            f" {compiled['images']} images, one step",
+            "",
+        ]
+        rows = [
+            [name, f"{v['compile_s']:.1f}", f"{v['eager_ms']:.1f}", f"{v['compiled_ms']:.1f}", f"{v['speedup']:.2f}",
+             v["steps"], v["graphs"], f"{v['rel_diff_vs_eager']:.2e}", v["deterministic"]]
+            for name, v in compiled["variants"].items()
+        ]  # fmt: skip
+        header = ["variant", "compile s:", "eager ms:", "compiled ms:", "speedup:", "timed steps:", "graphs so far:",
+                  "rel diff vs eager:", "deterministic"]  # fmt: skip
+        lines += markdown_table(header, rows)
+        if "guard_over_cfg_compiled" in compiled:
+            lines += [f"GUARD / CFG: compiled {compiled['guard_over_cfg_compiled']:.2f}x, eager"
+                      f" {compiled['guard_over_cfg_eager']:.2f}x", ""]  # fmt: skip
+    return lines
 
 
 def targets_summary(results):
