@@ -265,7 +265,8 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
         type=_blocks,
         default=None,
         help="comma-separated UNet module prefixes whose cross-attention is attenuated "
-        "(default: down_blocks.0,down_blocks.1,down_blocks.2,mid_block)",
+        "(default: every down block with cross-attention and the mid block: on SD 1.x/2.x "
+        "down_blocks.0,down_blocks.1,down_blocks.2,mid_block, on SDXL down_blocks.1,down_blocks.2,mid_block)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
 
