@@ -281,3 +281,25 @@ def test_a_broken_model_index_is_a_one_line_error(tmp_path, capsys, index):
     err = capsys.readouterr().err
     assert err.startswith("guard: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert "model_index.json" in err or "names no pipeline class" in err
+
+
+def test_a_hub_id_is_dispatched_by_its_model_index(monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    from guard import StableDiffusionGuardPipeline, StableDiffusionXLGuardPipeline
+    from guard.cli import hub_pipeline_class
+
+    indexes = {"org/sd": "StableDiffusionPipeline", "org/sdxl": "StableDiffusionXLPipeline", "org/flux": "FluxPipeline"}
+
+    def load_config(name, *args, **kwargs):
+        if name not in indexes:
+            raise OSError(f"{name} is not on the hub")
+        return {"_class_name": indexes[name]}
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", load_config)
+    assert hub_pipeline_class("org/sd") is StableDiffusionGuardPipeline
+    assert hub_pipeline_class("org/sdxl") is StableDiffusionXLGuardPipeline
+    with pytest.raises(CLIError, match="'org/flux' is a FluxPipeline; guard generate runs"):
+        hub_pipeline_class("org/flux")
+    with pytest.raises(CLIError, match="could not load 'org/none' from the hub or its cache"):
+        hub_pipeline_class("org/none")
