@@ -439,3 +439,50 @@ def test_detect_screens_prompts_on_sdxl(pipes):
         hook.remove()
     assert seen == [6] and scores.steps == 1  # one UNet call, GUARD's three rows per prompt
     assert all(scores.get(name).shape == (2, 1) for name in ("wen", "cosine", "entropy"))
+
+
+def test_concurrent_sdxl_requests_on_shared_weights_equal_sequential_ones(pipes):
+    """diffusers' serving pattern on SDXL: a pipeline per request on the shared modules (its own
+    scheduler), GUARD beside GUARD with other settings and beside CFG, in threads; the shared UNet's
+    processors are left as they were."""
+    import threading
+
+    _, pipe, components = pipes
+    originals = dict(pipe.unet.attn_processors)
+
+    def request_pipeline():
+        shared = dict(components)
+        shared["scheduler"] = type(components["scheduler"]).from_config(components["scheduler"].config)
+        request = StableDiffusionXLGuardPipeline(**shared)
+        request.set_progress_bar_config(disable=True)
+        return request
+
+    requests = [
+        (request_pipeline(), GuardConfig()),
+        (request_pipeline(), GuardConfig(spike_threshold=-0.5, repulsion_scale=1.0, gate_threshold=0.99)),
+        (pipe, GuardConfig.preset("cfg")),
+        (pipe, GuardConfig.preset("attenuation")),
+    ]
+    alone = [call(request, guard_config=config).images for request, config in requests]
+    barrier = threading.Barrier(len(requests))
+    results = [None] * len(requests)
+
+    def serve(index):
+        request, config = requests[index]
+
+        def wait_for_the_others(pipeline, step, timestep, tensors):
+            if step == 0:
+                barrier.wait()  # every request is inside its loop at once
+            return {}
+
+        results[index] = call(request, guard_config=config, callback_on_step_end=wait_for_the_others).images
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert relative_error(alone[0], alone[2]) > 1e-3  # the settings differ, so a mix-up would show
+    for images, expected in zip(results, alone):
+        torch.testing.assert_close(images, expected, rtol=1e-6, atol=1e-6)
+    assert all(pipe.unet.attn_processors[k] is originals[k] for k in originals)
