@@ -27,23 +27,23 @@ from .guidance import DynamicTransition, combine_predictions, guard_guidance, gu
 from .report import GuardReport, position_labels, token_labels
 
 
-def _stack(parts: list):
+def stack_conditioning(parts: list):
     """Concatenate branch conditionings along the batch: tensors, or dicts and lists of them
     (SDXL's added conditioning, IP-Adapter image embeddings)."""
     first = parts[0]
     if isinstance(first, dict):
-        return {key: _stack([part[key] for part in parts]) for key in first}
+        return {key: stack_conditioning([part[key] for part in parts]) for key in first}
     if isinstance(first, list):
-        return [_stack([part[i] for part in parts]) for i in range(len(first))]
+        return [stack_conditioning([part[i] for part in parts]) for i in range(len(first))]
     return torch.cat(parts)
 
 
-def _take(value, index: torch.Tensor):
+def take_rows(value, index: torch.Tensor):
     """The rows ``index`` of a conditioning (tensor, or dicts and lists of them)."""
     if isinstance(value, dict):
-        return {key: _take(item, index) for key, item in value.items()}
+        return {key: take_rows(item, index) for key, item in value.items()}
     if isinstance(value, list):
-        return [_take(item, index) for item in value]
+        return [take_rows(item, index) for item in value]
     return value.index_select(0, index)
 
 
@@ -132,8 +132,8 @@ class GuardDenoiser:
             elif self.flagged is None:
                 parts = [negative, positive, positive]
             else:
-                parts = [negative, _take(positive, self.flagged), positive]
-            self._stacked = _stack(parts)
+                parts = [negative, take_rows(positive, self.flagged), positive]
+            self._stacked = stack_conditioning(parts)
         return self._stacked
 
     def _model_input(self, latents: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from .sampling import _stack, _take
+from .sampling import stack_conditioning, take_rows
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def optimize_prompt_embeddings(
             sample = torch.cat([scaled.index_select(0, index)] * 2)
             kwargs = dict(unet_kwargs or {})
             if added_cond_kwargs is not None:
-                kwargs["added_cond_kwargs"] = _stack([_take(part, index) for part in added_cond_kwargs])
+                kwargs["added_cond_kwargs"] = stack_conditioning([take_rows(part, index) for part in added_cond_kwargs])
             noise = unet(sample, timestep, encoder_hidden_states=states, return_dict=False, **kwargs)[0]
             eps_u, eps_c = noise.chunk(2)
             delta = (eps_c - eps_u).float().view(len(active), images_per_prompt, -1)
