@@ -27,7 +27,7 @@ from guard_kernels.validation import real_number
 
 from .config import GuardConfig
 from .report import GuardReport
-from .sampling import GuardDenoiser, GuardSamplingMixin
+from .sampling import GuardSamplingMixin
 from .wen import optimize_prompt_embeddings
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -107,77 +107,40 @@ def check_latents(latents: Optional[torch.Tensor], rows: int, channels: int, hei
         )
 
 
-def _get(conditioning: dict[str, Any], path: tuple[str, ...]):
-    for key in path:
-        conditioning = conditioning[key]
-    return conditioning
-
-
-def _with(conditioning: dict[str, Any], path: tuple[str, ...], value) -> dict[str, Any]:
-    """A copy of ``conditioning`` with the entry at ``path`` replaced (the rest shared, not copied)."""
-    if len(path) == 1:
-        return {**conditioning, path[0]: value}
-    return {**conditioning, path[0]: _with(conditioning[path[0]], path[1:], value)}
-
-
 #: SD's callback tensors: where each lives in a branch's conditioning.
 SD_PAIRED = {"prompt_embeds": ("encoder_hidden_states",)}
 SD_NEGATIVE = {"negative_prompt_embeds": ("encoder_hidden_states",)}
 
 
-class _CallbackEmbeddings:
-    """What ``callback_on_step_end`` sees of the conditioning, laid out as the parent pipeline lays
-    it out under classifier-free guidance: each ``paired`` name (SD's ``prompt_embeds``; SDXL's
-    also ``add_text_embeds`` and ``add_time_ids``) is ``cat([negative, positive])`` of the entry
-    at its path in the branches' conditioning, each ``negative`` name the negative rows alone; a
-    callback that returns a tensor of the same shape changes the branches from the next UNet call
-    on (the other entries, e.g. IP-Adapter image embeddings, stay as they are)."""
+def method_embeddings(pipe, config: GuardConfig, latents, timestep, negative_embeds, prompt_embeds,
+                      images_per_prompt: int, generator, added_cond_kwargs=None):  # fmt: skip
+    """The prompt's embeddings as the method changes them before sampling, and Wen et al.'s record.
 
-    def __init__(self, denoiser: GuardDenoiser, paired=None, negative=None) -> None:
-        self.denoiser = denoiser
-        self.paired = SD_PAIRED if paired is None else paired
-        self.negative = SD_NEGATIVE if negative is None else negative
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        negative, positive = self.denoiser.conditioning
-        shown = {}
-        for name, path in self.paired.items():
-            neg, pos = _get(negative, path), _get(positive, path)
-            shown[name] = torch.cat([neg, pos]) if self.denoiser.guided else pos
-        shown.update({name: _get(negative, path) for name, path in self.negative.items()})
-        return shown
-
-    def update(self, outputs: dict[str, torch.Tensor]) -> None:
-        negative, positive = self.denoiser.conditioning
-        changed = False
-        for name, path in self.paired.items():
-            if name not in outputs:
-                continue
-            value, pos = outputs[name], _get(positive, path)
-            guided = (2 * pos.shape[0],) + tuple(pos.shape[1:])
-            if tuple(value.shape) == guided:
-                neg_value, pos_value = value.chunk(2)
-                negative, positive = _with(negative, path, neg_value), _with(positive, path, pos_value)
-            elif not self.denoiser.guided and tuple(value.shape) == tuple(pos.shape):
-                positive = _with(positive, path, value)  # guidance off (e.g. SDCFGCutoffCallback): the prompt's rows
-            else:
-                raise ValueError(
-                    f"callback_on_step_end returned {name} of shape {tuple(value.shape)}; GUARD takes "
-                    f"cat([negative, positive]) of shape {guided}, as the parent pipeline lays it out (or, once "
-                    f"guidance is off, the positive rows, {tuple(pos.shape)})"
-                )
-            changed = True
-        for name, path in self.negative.items():
-            if name not in outputs:
-                continue
-            value, neg = outputs[name], _get(negative, path)
-            if value.shape != neg.shape:
-                raise ValueError(
-                    f"callback_on_step_end returned {name} of shape {tuple(value.shape)}, expected {tuple(neg.shape)}"
-                )
-            negative, changed = _with(negative, path, value), True
-        if changed:
-            self.denoiser.set_conditioning(negative, positive)
+    "wen": optimised at the first step's noise (``added_cond_kwargs``: the unconditional and the
+    prompt's added conditioning, SDXL's); "somepalli": Gaussian noise, drawn after the latents so
+    that a seed gives the same latents; any other method: unchanged.
+    """
+    optimization = None
+    if config.method == "wen":
+        if added_cond_kwargs is not None and "image_embeds" in added_cond_kwargs[1]:
+            raise ValueError("method 'wen' does not take IP-Adapter inputs")
+        prompt_embeds, optimization = optimize_prompt_embeddings(
+            pipe.unet,
+            pipe.scheduler,
+            latents,
+            timestep,
+            negative_embeds,
+            prompt_embeds,
+            images_per_prompt,
+            learning_rate=config.wen_learning_rate,
+            iterations=config.wen_iterations,
+            target_loss=config.wen_target_loss,
+            added_cond_kwargs=added_cond_kwargs,
+        )
+    elif config.method == "somepalli":
+        noise = randn_tensor(prompt_embeds.shape, generator=generator, device=latents.device, dtype=prompt_embeds.dtype)
+        prompt_embeds = prompt_embeds + config.embedding_noise_scale * noise
+    return prompt_embeds, optimization
 
 
 class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
@@ -306,60 +269,26 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         latents = self.prepare_latents(
             rows, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
-        optimization = None
-        if config.method == "wen":  # Wen et al.: the prompt's embedding optimised at the first step's noise
-            if "added_cond_kwargs" in positive:
-                raise ValueError("method 'wen' does not take IP-Adapter inputs")
-            prompt_embeds, optimization = optimize_prompt_embeddings(
-                self.unet,
-                self.scheduler,
-                latents,
-                timesteps[0],
-                negative_prompt_embeds,
-                prompt_embeds,
-                num_images_per_prompt,
-                learning_rate=config.wen_learning_rate,
-                iterations=config.wen_iterations,
-                target_loss=config.wen_target_loss,
-            )
-        if config.method == "somepalli":  # drawn after the latents, so that a seed gives the same latents
-            noise = randn_tensor(prompt_embeds.shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-            prompt_embeds = prompt_embeds + config.embedding_noise_scale * noise
+        added = positive.get("added_cond_kwargs")
+        prompt_embeds, optimization = method_embeddings(
+            self, config, latents, timesteps[0], negative_prompt_embeds, prompt_embeds, num_images_per_prompt,
+            generator, None if added is None else (negative["added_cond_kwargs"], added),
+        )  # fmt: skip
+        positive["encoder_hidden_states"] = prompt_embeds
         self._num_timesteps = len(timesteps)
 
-        # 3. The denoising loop: the branches' conditioning, packed by the denoiser for each call.
-        attention = self._guard_attention(
-            config, prompt, num_images_per_prompt, rows, num_keys, device, attention_backend
-        )
-        with attention as session:
-            denoiser = GuardDenoiser(
-                config,
-                num_inference_steps,
-                self.scheduler.order,
-                images=rows,
-                session=session,
-                detection_steps=detection_steps,
-                guidance_rescale=guidance_rescale,
-            )
-            denoiser.set_conditioning(negative, {**positive, "encoder_hidden_states": prompt_embeds})
-            latents = self._guard_denoise(
-                denoiser,
-                latents,
-                timesteps,
-                num_inference_steps,
-                extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-                cross_attention_kwargs=cross_attention_kwargs,
-                callback_on_step_end=callback_on_step_end,
-                callback_tensor_inputs=callback_on_step_end_tensor_inputs,
-                callback_embeddings=_CallbackEmbeddings(denoiser),
-                callback=callback,
-                callback_steps=callback_steps,
-            )
-
-        # 4. The report (the run's one host transfer of its records), then decoding.
-        report = self._guard_report(config, prompt, batch_size, num_images_per_prompt, num_keys, session, denoiser)
+        # 3. The denoising loop (the branches' conditioning packed by the denoiser for each call), the report.
+        latents, report = self._guard_sample(
+            config, prompt, batch_size, num_images_per_prompt, num_keys, negative, positive, latents, timesteps,
+            num_inference_steps, device=device, attention_backend=attention_backend, detection_steps=detection_steps,
+            guidance_rescale=guidance_rescale, extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_tensor_inputs=callback_on_step_end_tensor_inputs, callback_tensors=(SD_PAIRED, SD_NEGATIVE),
+            callback=callback, callback_steps=callback_steps,
+        )  # fmt: skip
         report.embedding_optimization = optimization
-        self.guard_report = report
+
+        # 4. Decoding.
         if output_type != "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)

@@ -22,7 +22,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from guard_kernels.validation import real_number
 
@@ -30,15 +30,14 @@ from .config import GuardConfig
 from .pipeline import (
     OUTPUT_TYPES,
     _batch_size,
-    _CallbackEmbeddings,
     _deprecated_callback,
     _positive_int,
     check_latents,
+    method_embeddings,
     resolve_config,
 )
 from .report import GuardReport
-from .sampling import GuardDenoiser, GuardSamplingMixin
-from .wen import optimize_prompt_embeddings
+from .sampling import GuardSamplingMixin
 
 #: SDXL's callback tensors (the parent's ``_callback_tensor_inputs``): where each lives in a branch's
 #: conditioning; each is shown as ``cat([negative, positive])``, as the parent lays it out under CFG.
@@ -284,64 +283,27 @@ class StableDiffusionXLGuardPipeline(GuardSamplingMixin, StableDiffusionXLPipeli
         latents = self.prepare_latents(
             rows, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
-        optimization = None
-        if config.method == "wen":  # Wen et al.: the prompt's embedding optimised at the first step's noise
-            if "image_embeds" in positive_added:
-                raise ValueError("method 'wen' does not take IP-Adapter inputs")
-            prompt_embeds, optimization = optimize_prompt_embeddings(
-                self.unet,
-                self.scheduler,
-                latents,
-                timesteps[0],
-                negative_prompt_embeds,
-                prompt_embeds,
-                num_images_per_prompt,
-                learning_rate=config.wen_learning_rate,
-                iterations=config.wen_iterations,
-                target_loss=config.wen_target_loss,
-                added_cond_kwargs=(negative["added_cond_kwargs"], positive_added),
-            )
-        if config.method == "somepalli":  # drawn after the latents, so that a seed gives the same latents
-            noise = randn_tensor(prompt_embeds.shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-            prompt_embeds = prompt_embeds + config.embedding_noise_scale * noise
+        prompt_embeds, optimization = method_embeddings(
+            self, config, latents, timesteps[0], negative_prompt_embeds, prompt_embeds, num_images_per_prompt,
+            generator, (negative["added_cond_kwargs"], positive_added),
+        )  # fmt: skip
         positive = {"encoder_hidden_states": prompt_embeds.to(device), "added_cond_kwargs": positive_added}
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
 
-        # 3. The denoising loop: the branches' conditioning, packed by the denoiser for each call.
-        attention = self._guard_attention(
-            config, prompt, num_images_per_prompt, rows, num_keys, device, attention_backend
-        )
-        with attention as session:
-            denoiser = GuardDenoiser(
-                config,
-                schedule_steps,
-                self.scheduler.order,
-                images=rows,
-                session=session,
-                detection_steps=detection_steps,
-                guidance_rescale=guidance_rescale,
-            )
-            denoiser.set_conditioning(negative, positive)
-            latents = self._guard_denoise(
-                denoiser,
-                latents,
-                timesteps,
-                num_inference_steps,
-                extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
-                cross_attention_kwargs=cross_attention_kwargs,
-                callback_on_step_end=callback_on_step_end,
-                callback_tensor_inputs=callback_on_step_end_tensor_inputs,
-                callback_embeddings=_CallbackEmbeddings(denoiser, SDXL_CALLBACK_TENSORS, {}),
-                callback=callback,
-                callback_steps=callback_steps,
-            )
-
-        # 4. The report (the run's one host transfer of its records), then decoding.
-        report = self._guard_report(config, prompt, batch_size, num_images_per_prompt, num_keys, session, denoiser)
+        # 3. The denoising loop (the branches' conditioning packed by the denoiser for each call), the report.
+        latents, report = self._guard_sample(
+            config, prompt, batch_size, num_images_per_prompt, num_keys, negative, positive, latents, timesteps,
+            num_inference_steps, device=device, attention_backend=attention_backend, detection_steps=detection_steps,
+            guidance_rescale=guidance_rescale, extra_step_kwargs=self.prepare_extra_step_kwargs(generator, eta),
+            cross_attention_kwargs=cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+            callback_tensor_inputs=callback_on_step_end_tensor_inputs, callback_tensors=(SDXL_CALLBACK_TENSORS, {}),
+            callback=callback, callback_steps=callback_steps, schedule_steps=schedule_steps,
+        )  # fmt: skip
         report.embedding_optimization = optimization
-        self.guard_report = report
+
+        # 4. Decoding.
         image = latents if output_type == "latent" else self._decode(latents, output_type)
         self.maybe_free_model_hooks()
 

@@ -248,6 +248,73 @@ class GuardDenoiser:
             self.session.count_index = torch.cat([trash, self.flagged, trash])
 
 
+def _get(conditioning: dict[str, Any], path: tuple[str, ...]):
+    for key in path:
+        conditioning = conditioning[key]
+    return conditioning
+
+
+def _with(conditioning: dict[str, Any], path: tuple[str, ...], value) -> dict[str, Any]:
+    """A copy of ``conditioning`` with the entry at ``path`` replaced (the rest shared, not copied)."""
+    if len(path) == 1:
+        return {**conditioning, path[0]: value}
+    return {**conditioning, path[0]: _with(conditioning[path[0]], path[1:], value)}
+
+
+class CallbackEmbeddings:
+    """What ``callback_on_step_end`` sees of the conditioning, laid out as the parent pipeline lays
+    it out under classifier-free guidance: each ``paired`` name (SD's ``prompt_embeds``; SDXL's
+    also ``add_text_embeds`` and ``add_time_ids``) is ``cat([negative, positive])`` of the entry
+    at its path in the branches' conditioning, each ``negative`` name the negative rows alone; a
+    callback that returns a tensor of the same shape changes the branches from the next UNet call
+    on (the other entries, e.g. IP-Adapter image embeddings, stay as they are)."""
+
+    def __init__(self, denoiser: GuardDenoiser, paired: dict, negative: dict) -> None:
+        self.denoiser = denoiser
+        self.paired, self.negative = paired, negative
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        negative, positive = self.denoiser.conditioning
+        shown = {}
+        for name, path in self.paired.items():
+            neg, pos = _get(negative, path), _get(positive, path)
+            shown[name] = torch.cat([neg, pos]) if self.denoiser.guided else pos
+        shown.update({name: _get(negative, path) for name, path in self.negative.items()})
+        return shown
+
+    def update(self, outputs: dict[str, torch.Tensor]) -> None:
+        negative, positive = self.denoiser.conditioning
+        changed = False
+        for name, path in self.paired.items():
+            if name not in outputs:
+                continue
+            value, pos = outputs[name], _get(positive, path)
+            guided = (2 * pos.shape[0],) + tuple(pos.shape[1:])
+            if tuple(value.shape) == guided:
+                neg_value, pos_value = value.chunk(2)
+                negative, positive = _with(negative, path, neg_value), _with(positive, path, pos_value)
+            elif not self.denoiser.guided and tuple(value.shape) == tuple(pos.shape):
+                positive = _with(positive, path, value)  # guidance off (e.g. SDCFGCutoffCallback): the prompt's rows
+            else:
+                raise ValueError(
+                    f"callback_on_step_end returned {name} of shape {tuple(value.shape)}; GUARD takes "
+                    f"cat([negative, positive]) of shape {guided}, as the parent pipeline lays it out (or, once "
+                    f"guidance is off, the positive rows, {tuple(pos.shape)})"
+                )
+            changed = True
+        for name, path in self.negative.items():
+            if name not in outputs:
+                continue
+            value, neg = outputs[name], _get(negative, path)
+            if value.shape != neg.shape:
+                raise ValueError(
+                    f"callback_on_step_end returned {name} of shape {tuple(value.shape)}, expected {tuple(neg.shape)}"
+                )
+            negative, changed = _with(negative, path, value), True
+        if changed:
+            self.denoiser.set_conditioning(negative, positive)
+
+
 @contextlib.contextmanager
 def _attenuated_branch(unet, config: GuardConfig, rows: int, num_keys: int, device, backend: str):
     """The spike rule on the attenuated branch, rows ``[rows, 2 rows)`` of GUARD's layout, with one
@@ -312,6 +379,71 @@ class GuardSamplingMixin:
             scale[cond_rows, 0] = config.bos_scale
             bias[cond_rows, eos + 1 :] = float("-inf")
         return scale, bias
+
+    def _guard_sample(
+        self,
+        config: GuardConfig,
+        prompt,
+        batch_size: int,
+        images_per_prompt: int,
+        num_keys: int,
+        negative: dict[str, Any],
+        positive: dict[str, Any],
+        latents: torch.Tensor,
+        timesteps,
+        num_inference_steps: int,
+        *,
+        device,
+        attention_backend: str,
+        detection_steps: int,
+        guidance_rescale: float,
+        extra_step_kwargs: dict[str, Any],
+        cross_attention_kwargs: Optional[dict[str, Any]],
+        callback_on_step_end: Optional[Callable],
+        callback_tensor_inputs: list[str],
+        callback_tensors: tuple[dict, dict],
+        callback: Optional[Callable] = None,
+        callback_steps: Optional[int] = None,
+        schedule_steps: Optional[int] = None,
+    ) -> tuple[torch.Tensor, GuardReport]:
+        """A prepared run from its branches' conditioning to its final latents and report: the
+        method's attention processors, the denoiser, the loop, the report (its one host transfer).
+
+        ``negative`` / ``positive``: the UNet's conditioning of the unconditional and of the
+        prompt's branches (see :meth:`GuardDenoiser.set_conditioning`); ``callback_tensors``:
+        :class:`CallbackEmbeddings`' ``paired`` and ``negative`` maps for this pipeline's callback
+        tensors; ``schedule_steps``: the length of GUARD's guidance schedule when the run stops
+        early (SDXL's ``denoising_end``), else ``num_inference_steps``.
+        """
+        rows = batch_size * images_per_prompt
+        attention = self._guard_attention(config, prompt, images_per_prompt, rows, num_keys, device, attention_backend)
+        with attention as session:
+            denoiser = GuardDenoiser(
+                config,
+                schedule_steps or num_inference_steps,
+                self.scheduler.order,
+                images=rows,
+                session=session,
+                detection_steps=detection_steps,
+                guidance_rescale=guidance_rescale,
+            )
+            denoiser.set_conditioning(negative, positive)
+            latents = self._guard_denoise(
+                denoiser,
+                latents,
+                timesteps,
+                num_inference_steps,
+                extra_step_kwargs=extra_step_kwargs,
+                cross_attention_kwargs=cross_attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                callback_tensor_inputs=callback_tensor_inputs,
+                callback_embeddings=CallbackEmbeddings(denoiser, *callback_tensors),
+                callback=callback,
+                callback_steps=callback_steps,
+            )
+        report = self._guard_report(config, prompt, batch_size, images_per_prompt, num_keys, session, denoiser)
+        self.guard_report = report
+        return latents, report
 
     def _guard_denoise(
         self,
