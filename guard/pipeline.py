@@ -78,6 +78,35 @@ def _deprecated_callback(kwargs: dict):
     return callback, callback_steps
 
 
+def check_call(unet, kwargs: dict, guard_config, guidance_scale, guidance_rescale, num_images_per_prompt,
+               detection_steps, num_inference_steps, timesteps, sigmas, output_type, callback_on_step_end,
+               callback_tensor_inputs):  # fmt: skip
+    """The call arguments every GUARD pipeline checks before any work.
+
+    Returns the deprecated ``callback`` and ``callback_steps``, the run's :class:`GuardConfig`,
+    ``guidance_rescale`` as a float and the callback's tensor names; refuses unknown keyword
+    arguments, bad counts and output types, and guidance-distilled UNets (GUARD needs CFG's
+    unconditional prediction).
+    """
+    callback, callback_steps = _deprecated_callback(kwargs)
+    config = resolve_config(guard_config, guidance_scale)
+    guidance_rescale = real_number("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
+    _positive_int("num_images_per_prompt", num_images_per_prompt)
+    _positive_int("detection_steps", detection_steps)
+    if timesteps is None and sigmas is None:
+        _positive_int("num_inference_steps", num_inference_steps)
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if unet.config.time_cond_proj_dim is not None:
+        raise ValueError(
+            "this UNet is guidance-distilled (time_cond_proj_dim is set); GUARD needs a model sampled with"
+            " classifier-free guidance"
+        )
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        callback_tensor_inputs = callback_on_step_end.tensor_inputs
+    return callback, callback_steps, config, guidance_rescale, list(callback_tensor_inputs or ["latents"])
+
+
 def _batch_size(prompt, prompt_embeds) -> int:
     """Prompts in the call; an empty prompt list is an error here, before any work."""
     if prompt is None:
@@ -207,23 +236,11 @@ class StableDiffusionGuardPipeline(GuardSamplingMixin, StableDiffusionPipeline):
         prediction against the plain prompt's, as the parent rescales CFG's.
         """
         # 1. Check everything before any work.
-        callback, callback_steps = _deprecated_callback(kwargs)
-        config = resolve_config(guard_config, guidance_scale)
-        guidance_rescale = real_number("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
-        _positive_int("num_images_per_prompt", num_images_per_prompt)
-        _positive_int("detection_steps", detection_steps)
-        if timesteps is None and sigmas is None:
-            _positive_int("num_inference_steps", num_inference_steps)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if self.unet.config.time_cond_proj_dim is not None:
-            raise ValueError(
-                "this UNet is guidance-distilled (time_cond_proj_dim is set); GUARD needs a model sampled with"
-                " classifier-free guidance"
-            )
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        callback, callback_steps, config, guidance_rescale, callback_on_step_end_tensor_inputs = check_call(
+            self.unet, kwargs, guard_config, guidance_scale, guidance_rescale, num_images_per_prompt, detection_steps,
+            num_inference_steps, timesteps, sigmas, output_type, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         sample_size = self.unet.config.sample_size
         size_h, size_w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size[:2]
         height = height or size_h * self.vae_scale_factor

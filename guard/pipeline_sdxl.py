@@ -28,13 +28,10 @@ from guard_kernels.validation import real_number
 
 from .config import GuardConfig
 from .pipeline import (
-    OUTPUT_TYPES,
     _batch_size,
-    _deprecated_callback,
-    _positive_int,
+    check_call,
     check_latents,
     method_embeddings,
-    resolve_config,
 )
 from .report import GuardReport
 from .sampling import GuardSamplingMixin
@@ -92,11 +89,6 @@ class StableDiffusionXLGuardPipeline(GuardSamplingMixin, StableDiffusionXLPipeli
     def _check_model(self) -> None:
         """Refuse UNets GUARD cannot sample, before any work."""
         unet = self.unet.config
-        if unet.time_cond_proj_dim is not None:
-            raise ValueError(
-                "this UNet is guidance-distilled (time_cond_proj_dim is set); GUARD needs a model sampled with"
-                " classifier-free guidance"
-            )
         if unet.addition_embed_type != "text_time":
             raise ValueError(
                 f"this UNet's addition_embed_type is {unet.addition_embed_type!r}; an SDXL base UNet has 'text_time'"
@@ -175,23 +167,16 @@ class StableDiffusionXLGuardPipeline(GuardSamplingMixin, StableDiffusionXLPipeli
         ``add_text_embeds`` and ``add_time_ids`` as ``cat([negative rows, positive rows])``.
         """
         # 1. Check everything before any work.
-        callback, callback_steps = _deprecated_callback(kwargs)
         self._check_model()
-        config = resolve_config(guard_config, guidance_scale)
-        guidance_rescale = real_number("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
+        callback, callback_steps, config, guidance_rescale, callback_on_step_end_tensor_inputs = check_call(
+            self.unet, kwargs, guard_config, guidance_scale, guidance_rescale, num_images_per_prompt, detection_steps,
+            num_inference_steps, timesteps, sigmas, output_type, callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         if denoising_end is not None:
             denoising_end = real_number("denoising_end", denoising_end, minimum=0.0, maximum=1.0)
             if denoising_end == 0.0:
                 raise ValueError("denoising_end must be in (0, 1], got 0.0 (no step would run)")
-        _positive_int("num_images_per_prompt", num_images_per_prompt)
-        _positive_int("detection_steps", detection_steps)
-        if timesteps is None and sigmas is None:
-            _positive_int("num_inference_steps", num_inference_steps)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         original_size = _pair("original_size", original_size, (height, width))

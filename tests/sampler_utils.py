@@ -8,6 +8,7 @@ out, the way the paper's released code does, so the library is checked against t
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -407,3 +408,32 @@ def tiny_sdxl_components() -> dict:
         "force_zeros_for_empty_prompt": True,
         "add_watermarker": False,
     }
+
+
+def run_together(requests) -> list:
+    """Each request (a function of a ``callback_on_step_end``) in its own thread, all of them inside
+    their denoising loops at once (a barrier at the first step); their results in order. A request's
+    exception is raised here, not lost in its thread."""
+    barrier = threading.Barrier(len(requests))
+    results, errors = [None] * len(requests), []
+
+    def wait_for_the_others(pipeline, step, timestep, tensors):
+        if step == 0:
+            barrier.wait()
+        return {}
+
+    def serve(index):
+        try:
+            results[index] = requests[index](wait_for_the_others)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

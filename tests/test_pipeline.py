@@ -14,6 +14,7 @@ from sampler_utils import (
     eager_related_latents,
     initial_latents,
     relative_error,
+    run_together,
     stock_pipeline,
     tiny_components,
 )
@@ -513,8 +514,6 @@ def _request_pipeline(components):
 
 def test_concurrent_requests_on_shared_weights_equal_sequential_ones(tiny):
     """GUARD beside GUARD with other settings, and beside CFG on one pipeline, in threads."""
-    import threading
-
     pipe, components = tiny
     originals = dict(pipe.unet.attn_processors)
     requests = [
@@ -524,24 +523,14 @@ def test_concurrent_requests_on_shared_weights_equal_sequential_ones(tiny):
         (pipe, GuardConfig.preset("attenuation")),
     ]
     alone = [run(request, config, latents=initial_latents(2)).images for request, config in requests]
-    barrier = threading.Barrier(len(requests))
-    results = [None] * len(requests)
-
-    def serve(index):
-        request, config = requests[index]
-
-        def wait_for_the_others(pipeline, step, timestep, tensors):
-            if step == 0:
-                barrier.wait()  # every request is inside its loop at once
-            return {}
-
-        results[index] = run(request, config, latents=initial_latents(2), callback_on_step_end=wait_for_the_others)
-
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_together(
+        [
+            lambda callback, request=request, config=config: run(
+                request, config, latents=initial_latents(2), callback_on_step_end=callback
+            )
+            for request, config in requests
+        ]
+    )
     for out, expected in zip(results, alone):
         torch.testing.assert_close(out.images, expected, rtol=1e-6, atol=1e-6)
     assert all(pipe.unet.attn_processors[k] is originals[k] for k in originals)

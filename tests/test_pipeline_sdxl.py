@@ -15,6 +15,7 @@ from sampler_utils import (
     EagerSpikeAttention,
     initial_latents,
     relative_error,
+    run_together,
     tiny_ip_adapter,
     tiny_sdxl_components,
 )
@@ -445,8 +446,6 @@ def test_concurrent_sdxl_requests_on_shared_weights_equal_sequential_ones(pipes)
     """diffusers' serving pattern on SDXL: a pipeline per request on the shared modules (its own
     scheduler), GUARD beside GUARD with other settings and beside CFG, in threads; the shared UNet's
     processors are left as they were."""
-    import threading
-
     _, pipe, components = pipes
     originals = dict(pipe.unet.attn_processors)
 
@@ -464,24 +463,14 @@ def test_concurrent_sdxl_requests_on_shared_weights_equal_sequential_ones(pipes)
         (pipe, GuardConfig.preset("attenuation")),
     ]
     alone = [call(request, guard_config=config).images for request, config in requests]
-    barrier = threading.Barrier(len(requests))
-    results = [None] * len(requests)
-
-    def serve(index):
-        request, config = requests[index]
-
-        def wait_for_the_others(pipeline, step, timestep, tensors):
-            if step == 0:
-                barrier.wait()  # every request is inside its loop at once
-            return {}
-
-        results[index] = call(request, guard_config=config, callback_on_step_end=wait_for_the_others).images
-
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_together(
+        [
+            lambda callback, request=request, config=config: (
+                call(request, guard_config=config, callback_on_step_end=callback).images
+            )
+            for request, config in requests
+        ]
+    )
     assert relative_error(alone[0], alone[2]) > 1e-3  # the settings differ, so a mix-up would show
     for images, expected in zip(results, alone):
         torch.testing.assert_close(images, expected, rtol=1e-6, atol=1e-6)
