@@ -43,3 +43,22 @@ def test_bad_arguments_are_refused_before_any_sampling(argv, message, capsys, tm
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--out", str(tmp_path)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_surgical_stage_measures_every_setting_on_the_attached_trigger(monkeypatch, tmp_path):
+    """--surgical on the shipped testbed, cut to one item's exact caption and attached trigger and
+    two steps: one table row per setting (CFG, alpha x blocks, the repulsion scales), percentages."""
+    import guard.testbed.detection_study as study
+
+    full = study.memorized_variants
+    monkeypatch.setattr(study, "memorized_variants", lambda items: [v for v in full(items) if v.item == 0])
+    assert (
+        main(["--out", str(tmp_path), "--surgical", "--steps", "2", "--score-steps", "1", "--confirm-seeds", "1"]) == 0
+    )
+    rows = [line for line in (tmp_path / "testbed_surgical.md").read_text().splitlines() if line.startswith("| ")]
+    names = [row.split(" | ")[0][2:] for row in rows[1:]]
+    assert names[0] == "CFG" and "alpha=0.05, every layer" in names and "alpha=0.45, default blocks, r=0" in names
+    assert len(names) == 10
+    for row in rows[1:]:
+        cells = row.strip("| ").split(" | ")[1:]
+        assert len(cells) == 4 and all(cell.endswith("%") and 0 <= float(cell[:-1]) <= 100 for cell in cells)

@@ -363,9 +363,9 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
 def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
     """When the trigger is attached to another caption, does GUARD draw the caption asked for?
 
-    Without the gate (so that attenuation is what is measured), for the spike scale alpha and the
-    attenuated layers (the default blocks, or every cross-attention layer), on the variants that
-    attach a trigger to another item's caption and on the exact captions.
+    Without the gate (so that attenuation is what is measured), for the spike scale alpha, the
+    attenuated layers (the default blocks, or every cross-attention layer) and the repulsion scale
+    r, on the variants that attach a trigger to another item's caption and on the exact captions.
     """
     from .defaults import copy_threshold
 
@@ -373,14 +373,17 @@ def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
     seeds = list(range(4000, 4000 + args.confirm_seeds + 1))
     threshold = copy_threshold(args.path)
     settings = [("CFG", GuardConfig(method="cfg", guidance_scale=config.guidance_scale))]
+    ungated = config.replace(gate_threshold=None, gate_detector="cosine", gate_steps=1, gate_weights=None)
     for blocks, where in ((None, "default blocks"), (("down_blocks", "mid_block", "up_blocks"), "every layer")):
         for alpha in (0.45, 0.2, 0.05):
-            settings.append((f"alpha={alpha:g}, {where}", config.replace(gate_threshold=None, gate_detector="cosine",
-                             gate_steps=1, gate_weights=None, spike_scale=alpha, blocks=blocks)))  # fmt: skip
+            settings.append((f"alpha={alpha:g}, {where}", ungated.replace(spike_scale=alpha, blocks=blocks)))
+    # The repulsion pushes away from the plain prompt, which holds the asked caption as well as the trigger.
+    for r in (0.0, 0.5, 2.0):
+        settings.append((f"alpha={config.spike_scale:g}, default blocks, r={r:g}", ungated.replace(repulsion_scale=r)))
     lines = ["", "## Surgical: the trigger attached to another caption", "",
-             f"GUARD without the gate at tau = {config.spike_threshold:g}, r = {config.repulsion_scale:g}, "
-             f"s = {config.guidance_scale:g}; {len(variants)} prompts x seeds {seeds}. 'Asked' is the caption the "
-             "prompt names (another item's for the attached trigger).", "",
+             f"GUARD without the gate at tau = {config.spike_threshold:g}, r = {config.repulsion_scale:g} (unless a "
+             f"row names r), s = {config.guidance_scale:g}; {len(variants)} prompts x seeds {seeds}. 'Asked' is the "
+             "caption the prompt names (another item's for the attached trigger).", "",
              "| setting | attached: aligned to the asked caption | attached: copies | exact: copies | exact: aligned |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, setting in settings:
