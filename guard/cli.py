@@ -95,27 +95,17 @@ def resolve_device(text: str):
     return device
 
 
-#: ``model_index.json`` ``_class_name`` values guard runs, by the GUARD pipeline class that loads them.
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionGuardPipeline")
-SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLGuardPipeline")
-
-
 def guard_pipeline_class(class_name: Optional[str], where: str):
     """The GUARD pipeline class for a diffusers pipeline class name (a model_index.json's
     ``_class_name``): SD 1.x/2.x or SDXL text-to-image, or a CLIError naming the class."""
-    if class_name in SD_PIPELINES:
-        from .pipeline import StableDiffusionGuardPipeline
+    from .pipeline import SUPPORTED_PIPELINES
+    from .pipeline import guard_pipeline_class as pipeline_class
 
-        return StableDiffusionGuardPipeline
-    if class_name in SDXL_PIPELINES:
-        from .pipeline_sdxl import StableDiffusionXLGuardPipeline
-
-        return StableDiffusionXLGuardPipeline
-    named = "names no pipeline class" if not class_name else f"is a {class_name}"
-    raise CLIError(
-        f"{where} {named}; guard generate runs StableDiffusionPipeline (SD 1.x/2.x) and"
-        " StableDiffusionXLPipeline (SDXL) text-to-image models"
-    )
+    found = pipeline_class(class_name)
+    if found is None:
+        named = "names no pipeline class" if not class_name else f"is a {class_name}"
+        raise CLIError(f"{where} {named}; guard generate runs {SUPPORTED_PIPELINES}")
+    return found
 
 
 def _class_name(model_index, where: str) -> Optional[str]:

@@ -12,6 +12,7 @@ same loop runs the related mitigations GUARD is compared with ("ren", "jain", "s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -40,6 +41,27 @@ class GuardPipelineOutput(StableDiffusionPipelineOutput):
     returns the parent's tuple, and the report is ``pipe.guard_report``."""
 
     report: Optional[GuardReport] = None
+
+
+#: ``model_index.json`` ``_class_name`` values GUARD samples: (module under guard, GUARD pipeline class).
+GUARD_PIPELINES = {
+    "StableDiffusionPipeline": ("pipeline", "StableDiffusionGuardPipeline"),
+    "StableDiffusionGuardPipeline": ("pipeline", "StableDiffusionGuardPipeline"),
+    "StableDiffusionXLPipeline": ("pipeline_sdxl", "StableDiffusionXLGuardPipeline"),
+    "StableDiffusionXLGuardPipeline": ("pipeline_sdxl", "StableDiffusionXLGuardPipeline"),
+}
+#: What GUARD_PIPELINES covers, for error messages.
+SUPPORTED_PIPELINES = "StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL) text-to-image models"
+
+
+def guard_pipeline_class(class_name: Optional[str]):
+    """The GUARD pipeline class for a diffusers pipeline class name (a ``model_index.json``'s
+    ``_class_name``), or None for a model family GUARD does not sample (SDXL's module is imported
+    only when asked for)."""
+    if class_name not in GUARD_PIPELINES:
+        return None
+    module, name = GUARD_PIPELINES[class_name]
+    return getattr(import_module(f".{module}", __package__), name)
 
 
 def resolve_config(guard_config, guidance_scale=None) -> GuardConfig:

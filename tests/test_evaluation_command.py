@@ -312,3 +312,31 @@ def test_a_user_error_under_the_module_has_no_traceback(tiny_folder, prompt_file
     )
     assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"{PROG}: error: --methods: unknown preset(s) wen-unknown")
+
+
+def test_an_sdxl_folder_runs_through_the_command_and_other_pipelines_are_refused(prompt_file, tmp_path, capsys):
+    """The folder's model_index.json picks the pipeline: SDXL folders load as the SDXL GUARD pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+    from sampler_utils import tiny_sdxl_components
+
+    from guard.evaluation.command import load_model
+    from guard.pipeline_sdxl import StableDiffusionXLGuardPipeline
+
+    folder = tmp_path / "sdxl"
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder)
+    assert isinstance(load_model(str(folder), torch.device("cpu"), torch.float32), StableDiffusionXLGuardPipeline)
+    out = tmp_path / "run"
+    argv = ["--model", folder, "--prompts", prompt_file, "--methods", "cfg,guard", "--images", 1, "--steps", 2]
+    assert _run(*argv, "--out", out) == 0
+    rows = read_rows(out)
+    assert len(rows) == 6 and all((out / row["images"][0]).is_file() for row in rows)
+    assert all(isinstance(row["flagged"], dict) for row in rows if row["method"] == "guard")
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLImg2ImgPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert _run(*argv, "--out", tmp_path / "other") == 2
+    err = capsys.readouterr().err
+    assert "a StableDiffusionXLImg2ImgPipeline; the evaluation runs StableDiffusionPipeline" in err
+    assert "Traceback" not in err

@@ -168,8 +168,9 @@ def resolve_dtype(text: str, device):
 
 
 def load_model(model: str, device, dtype, *, scheduler: str = "ddim", safety_checker: bool = False):
-    """A GUARD pipeline from the shipped testbed, a testbed folder, a diffusers folder or a hub id."""
-    from ..pipeline import StableDiffusionGuardPipeline
+    """A GUARD pipeline from the shipped testbed, a testbed folder, a diffusers folder or a hub id
+    (SD 1.x/2.x or SDXL, as its ``model_index.json`` names it)."""
+    from ..pipeline import SUPPORTED_PIPELINES, StableDiffusionGuardPipeline, guard_pipeline_class
     from ..testbed.loading import is_testbed_folder, load_pipeline
 
     path = Path(model).expanduser()
@@ -178,7 +179,6 @@ def load_model(model: str, device, dtype, *, scheduler: str = "ddim", safety_che
         pipe = load_pipeline(device=device, dtype=dtype, path=folder, pipeline_class=StableDiffusionGuardPipeline)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    safety = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise CommandError(f"--model {model}: not a diffusers pipeline folder (no model_index.json in it)")
@@ -188,7 +188,16 @@ def load_model(model: str, device, dtype, *, scheduler: str = "ddim", safety_che
     else:
         raise CommandError(f"--model {model}: no such folder, and not a hub id like 'org/name'")
     try:
-        pipe = StableDiffusionGuardPipeline.from_pretrained(source, dtype=dtype, local_files_only=local, **safety)
+        from diffusers import DiffusionPipeline
+
+        class_name = DiffusionPipeline.load_config(source, local_files_only=local).get("_class_name")
+        pipeline_class = guard_pipeline_class(class_name)
+        if pipeline_class is None:
+            raise CommandError(f"--model {model}: a {class_name}; the evaluation runs {SUPPORTED_PIPELINES}")
+        safety = {}  # SDXL has no safety checker; SD's is off unless asked for
+        if pipeline_class is StableDiffusionGuardPipeline and not safety_checker:
+            safety = {"safety_checker": None, "requires_safety_checker": False}
+        pipe = pipeline_class.from_pretrained(source, dtype=dtype, local_files_only=local, **safety)
     except (OSError, ValueError) as error:
         raise CommandError(f"--model {model}: could not load it ({str(error).splitlines()[0]})") from None
     if scheduler == "ddim":
