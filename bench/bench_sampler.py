@@ -37,6 +37,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from guard.attention import attenuate_cross_attention, cross_attention_layers, select_attenuated_layers
 from guard.config import GuardConfig
 from guard.guidance import cfg_guidance, combine_predictions
+from guard.sampling import stack_conditioning
 
 VARIANTS = ("cfg", "guard", "guard_eager")
 
@@ -117,13 +118,18 @@ class StepSetup:
     def device(self) -> torch.device:
         return self.latents.device
 
+    def branches(self) -> tuple[dict, dict]:
+        """The UNet's conditioning of the unconditional and of the prompt's branches, one row per
+        image (SDXL's added conditioning when the model has it), as ``GuardDenoiser`` takes them."""
+        negative, positive = {"encoder_hidden_states": self.uncond}, {"encoder_hidden_states": self.cond}
+        if self.added_cond is not None:
+            negative["added_cond_kwargs"], positive["added_cond_kwargs"] = self.added_uncond, self.added_cond
+        return negative, positive
+
     def unet_kwargs(self, groups: int) -> dict:
         """The UNet's conditioning for ``groups`` row groups (uncond | cond [| cond])."""
-        kwargs = {"encoder_hidden_states": torch.cat([self.uncond] + [self.cond] * (groups - 1))}
-        if self.added_cond is not None:
-            parts = [self.added_uncond] + [self.added_cond] * (groups - 1)
-            kwargs["added_cond_kwargs"] = {key: torch.cat([part[key] for part in parts]) for key in self.added_cond}
-        return kwargs
+        negative, positive = self.branches()
+        return stack_conditioning([negative] + [positive] * (groups - 1))
 
 
 def added_conditioning(unet_config: dict, rows: int, size: int, generator, device, dtype):

@@ -530,14 +530,6 @@ def timed(fn, sync) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def branch_conditioning(setup) -> tuple[dict, dict]:
-    """GuardDenoiser's conditioning per branch (SDXL's added conditioning when the setup has it)."""
-    negative, positive = {"encoder_hidden_states": setup.uncond}, {"encoder_hidden_states": setup.cond}
-    if setup.added_cond is not None:
-        negative["added_cond_kwargs"], positive["added_cond_kwargs"] = setup.added_uncond, setup.added_cond
-    return negative, positive
-
-
 def denoise(unet, setup, config, steps: int, backend: str = "auto"):
     """A whole DDIM run of ``steps`` steps from ``setup``'s latents, as GUARD's pipelines drive it
     (guard.sampling.GuardDenoiser, the session as cross_attention_kwargs); (latents, denoiser)."""
@@ -554,7 +546,7 @@ def denoise(unet, setup, config, steps: int, backend: str = "auto"):
             branch = _attenuated_branch(unet, config, images, num_keys, setup.device, backend)
             session = stack.enter_context(branch)
         denoiser = GuardDenoiser(config, steps, scheduler.order, images=images, session=session)
-        denoiser.set_conditioning(*branch_conditioning(setup))
+        denoiser.set_conditioning(*setup.branches())
         kwargs = None if session is None else session.unet_kwargs
         latents = setup.latents * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
