@@ -18,8 +18,10 @@ from guard_kernels.validation import real_number
 METHODS = ("guard", "attenuation", "cfg", "ren", "jain", "somepalli", "wen")
 SCHEDULES = ("cosine", "linear", "sine", "constant")
 #: Memorization scores the gate can decide on (guard.detection has their definitions).
-DETECTORS = ("cosine", "wen", "entropy")
-#: What the gate can decide on: one score, or "linear", a weighted sum of all three (gate_weights).
+DETECTORS = ("cosine", "wen", "entropy", "spike_share")
+#: The scores the "linear" gate weighs, in the order of ``GuardConfig.gate_weights``.
+LINEAR_DETECTORS = ("wen", "cosine", "entropy")
+#: What the gate can decide on: one score, or "linear", a weighted sum of three (gate_weights).
 GATE_DETECTORS = DETECTORS + ("linear",)
 #: What the default (``blocks=None``: the paper's rule, every down block with cross-attention and
 #: the mid block, resolved on the UNet a run uses; see guard.attention.default_blocks) comes to on
@@ -28,6 +30,9 @@ DEFAULT_BLOCKS = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block"
 
 #: Number of UNet row groups each method runs per step (unconditional, attenuated, plain prompt).
 BRANCHES = {"guard": 3, "attenuation": 2, "cfg": 2, "ren": 2, "jain": 2, "somepalli": 2, "wen": 2}
+#: Which tokens the attenuated rows attenuate: each check's own spikes (the paper), or each image's
+#: spike tokens fixed after the first step(s).
+SPIKE_TOKENS = ("per-check", "first-step")
 #: Jain et al.'s transition points: a fixed timestep, or the first local minimum of the text-conditional noise.
 TRANSITIONS = ("static", "dynamic")
 
@@ -58,6 +63,13 @@ class GuardConfig:
     repulsion_schedule: how the repulsion weight decays over the steps.
     spike_threshold, spike_scale: the spike rule's z-score threshold ``tau`` and logit factor
         ``alpha``.
+    spike_tokens: "per-check" (the paper): every (step, layer, head) flags its own spike tokens.
+        "first-step" (not in the paper): after the first ``gate_steps`` steps (1 without a gate), each
+        image's spike tokens are fixed, the tokens flagged at least half as often as its
+        most-flagged one, and from then on they, and only they, get the factor ``alpha`` in every
+        head of the attenuated layers. At a high ``tau`` the rule also flags a caption's own words
+        in a few checks, which costs the caption; a memorized trigger stands out in most of them.
+        Detection scores read after that point count the fixed tokens as flagged in every head.
     blocks: module-name prefixes whose ``attn2`` layers are attenuated. None (the default) is the
         paper's rule, resolved on the UNet a run uses: the down blocks that have cross-attention
         and the mid block (on SD 1.x / 2.x exactly :data:`DEFAULT_BLOCKS`; on SDXL
@@ -70,8 +82,9 @@ class GuardConfig:
         default and not part of the paper. After the first ``gate_steps`` UNet calls, an image
         whose memorization score (``gate_detector``, see :mod:`guard.detection`: "cosine",
         between GUARD's attenuated and plain-prompt guidance, cleared above the threshold; "wen",
-        the text-conditional noise norm, or "entropy", Ren et al.'s cross-attention entropy,
-        cleared below it; "linear", ``gate_weights`` (wen, cosine, entropy) times the three
+        the text-conditional noise norm, "entropy", Ren et al.'s cross-attention entropy, or
+        "spike_share", the largest share of a step's spike checks that flagged one token, cleared
+        below it; "linear", ``gate_weights`` (wen, cosine, entropy) times the three
         scores, summed, cleared below the threshold, so that any combination and either
         direction can be calibrated for a model) says it is not memorized is cleared: guided by
         plain classifier-free guidance from then on, on its unconditional and plain rows only
@@ -96,6 +109,7 @@ class GuardConfig:
     repulsion_schedule: str = "cosine"
     spike_threshold: float = 0.1
     spike_scale: float = 0.3
+    spike_tokens: str = "per-check"
     blocks: Optional[tuple[str, ...]] = None
     orthogonalize: bool = False
     ortho_cos_threshold: float = 0.9
@@ -119,6 +133,13 @@ class GuardConfig:
         if self.repulsion_schedule not in SCHEDULES:
             raise ValueError(
                 f"GuardConfig.repulsion_schedule must be one of {SCHEDULES}, got {self.repulsion_schedule!r}"
+            )
+        if self.spike_tokens not in SPIKE_TOKENS:
+            raise ValueError(f"GuardConfig.spike_tokens must be one of {SPIKE_TOKENS}, got {self.spike_tokens!r}")
+        if self.spike_tokens != "per-check" and not self.attenuates:
+            raise ValueError(
+                f"GuardConfig.spike_tokens {self.spike_tokens!r} needs a method with attenuated rows ('guard' or"
+                f" 'attenuation'), got method {self.method!r}"
             )
         set_ = object.__setattr__  # frozen dataclass: normalise in place once
         set_(self, "guidance_scale", _real("guidance_scale", self.guidance_scale))
@@ -149,7 +170,7 @@ class GuardConfig:
             )
         if self.gate_weights is not None:
             weights = tuple(self.gate_weights) if isinstance(self.gate_weights, (list, tuple)) else ()
-            if len(weights) != len(DETECTORS):
+            if len(weights) != len(LINEAR_DETECTORS):
                 raise ValueError(
                     f"GuardConfig.gate_weights must be 3 numbers (wen, cosine, entropy), got {self.gate_weights!r}"
                 )
@@ -162,11 +183,12 @@ class GuardConfig:
         if self.gate_threshold is None and (self.gate_detector != "cosine" or self.gate_steps != 1):
             raise ValueError("GuardConfig.gate_detector and gate_steps choose how the gate decides: set gate_threshold")
         if self.gate_threshold is not None:
-            cosine = self.gate_detector == "cosine"
             minimum = {"cosine": -1.0, "linear": None}.get(self.gate_detector, 0.0)
             gate = _real("gate_threshold", self.gate_threshold, minimum=minimum)
-            if cosine and gate > 1.0:
+            if self.gate_detector == "cosine" and gate > 1.0:
                 raise ValueError(f"GuardConfig.gate_threshold must be in [-1, 1] or None, got {gate}")
+            if self.gate_detector == "spike_share" and gate > 1.0:
+                raise ValueError(f"GuardConfig.gate_threshold of the spike_share gate must be in [0, 1], got {gate}")
             if self.method != "guard":
                 raise ValueError(
                     f"GuardConfig.gate_threshold needs method 'guard' (the memorization gate compares GUARD's "

@@ -18,6 +18,10 @@ Per image, at the first step(s) of sampling:
   positions (natural log, 0 log 0 = 0), averaged over GUARD's attenuated layers (Ren et al.'s
   score E reads one layer, ``down_blocks.1.attentions.1``; the score here reads the layers GUARD
   attenuates, the mid block among them). Higher means memorized.
+- ``spike_share``: the largest share of one UNet call's spike checks (GUARD's attenuated layers
+  times their heads, on the attenuated rows) that flagged a single text token, BOS excluded. Higher
+  means memorized: a memorized prompt's trigger stands out in most heads, a caption's own words in
+  a few. It reads the spike counts the kernel already returns; it is this project's, not a paper's.
 
 :func:`detect` screens prompts before generation by running only the first step(s); the same
 scores are on every :class:`~guard.report.GuardReport` (``report.detection``).
@@ -30,10 +34,10 @@ from typing import Optional
 
 import torch
 
-from .config import DETECTORS
+from .config import DETECTORS, LINEAR_DETECTORS
 
 #: Per detector (guard.config.DETECTORS): whether a higher score means "more likely memorized".
-MEMORIZED_IF_HIGH: dict[str, bool] = {"wen": True, "cosine": False, "entropy": True}
+MEMORIZED_IF_HIGH: dict[str, bool] = {"wen": True, "cosine": False, "entropy": True, "spike_share": True}
 assert tuple(sorted(MEMORIZED_IF_HIGH)) == tuple(sorted(DETECTORS))
 
 
@@ -55,10 +59,21 @@ def attention_entropy(mass: torch.Tensor) -> torch.Tensor:
     return -(p * logs).sum(dim=-1)
 
 
+def spike_share(counts: torch.Tensor, checks: int) -> torch.Tensor:
+    """Per image, the largest share of ``checks`` spike checks that flagged one token, BOS excluded.
+
+    ``counts``: (images, tokens) integer flag counts of one UNet call, summed over the attenuated
+    layers and their heads (``checks`` in all). float32.
+    """
+    if counts.shape[-1] < 2:
+        return counts.new_zeros(counts.shape[0], dtype=torch.float32)
+    return counts[:, 1:].amax(dim=1).float() / checks
+
+
 def linear_score(scores: dict[str, torch.Tensor], weights) -> torch.Tensor:
     """``weights`` (wen, cosine, entropy) times the scores, summed; higher means memorized."""
     total = None
-    for name, weight in zip(DETECTORS, weights):
+    for name, weight in zip(LINEAR_DETECTORS, weights, strict=True):
         if weight == 0:
             continue
         if name not in scores:
@@ -75,9 +90,19 @@ def gate_score(config, scores: dict[str, torch.Tensor]) -> torch.Tensor:
     if config.gate_detector not in scores:
         raise ValueError(
             f"the memorization gate's detector {config.gate_detector!r} has no score in this run"
-            " (cosine and entropy need GUARD's attenuated branch and layers)"
+            " (cosine, entropy and spike_share need GUARD's attenuated branch and layers)"
         )
     return scores[config.gate_detector]
+
+
+def gate_rule(config) -> str:
+    """The gate's decision rule in words, for reports ("first-step cosine > 0.95")."""
+    steps = "first-step" if config.gate_steps == 1 else f"first {config.gate_steps} steps'"
+    if config.gate_detector == "linear":
+        terms = " + ".join(f"{w:g} {name}" for name, w in zip(LINEAR_DETECTORS, config.gate_weights) if w)
+        return f"{steps} {terms} < {config.gate_threshold:g}"
+    side = "<" if MEMORIZED_IF_HIGH[config.gate_detector] else ">"
+    return f"{steps} {config.gate_detector} {side} {config.gate_threshold:g}"
 
 
 def is_cleared(detector: str, score: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -95,13 +120,15 @@ class DetectionScores:
 
     Each field is a (prompts, images) float32 tensor on the host, or None where the run could
     not compute it (``cosine`` needs GUARD's attenuated branch, ``entropy`` the fused kernel on
-    the plain prompt's rows; ``wen`` any method with an unconditional branch).
+    the plain prompt's rows, ``spike_share`` the spike counts of attenuated layers; ``wen`` any
+    method with an unconditional branch).
     """
 
     steps: int
     wen: Optional[torch.Tensor] = None
     cosine: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    spike_share: Optional[torch.Tensor] = None
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         if name not in DETECTORS:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .config import GuardConfig
-from .detection import DetectionScores
+from .detection import DetectionScores, gate_rule
 
 #: Label of text positions after the prompt's first EOS (padding, whatever token id pads).
 PAD_LABEL = "<pad>"
@@ -185,7 +185,7 @@ class GuardReport:
                 cleared = [i for i, flag in enumerate(self.cleared[p].tolist()) if flag]
                 which = f" (image {', '.join(map(str, cleared))})" if cleared else ""
                 lines.append(
-                    f"  memorization gate (first-step cosine > {self.config.gate_threshold:g}): {len(cleared)} of "
+                    f"  memorization gate ({gate_rule(self.config)}): {len(cleared)} of "
                     f"{self.images_per_prompt} image(s) cleared{which} and guided by plain CFG, "
                     f"{self.images_per_prompt - len(cleared)} by GUARD"
                 )

@@ -22,7 +22,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from .attention import AttenuationSession, attenuate_cross_attention
 from .config import GuardConfig
-from .detection import ScoreAccumulator, attention_entropy, gate_score, is_cleared, wen_score
+from .detection import ScoreAccumulator, attention_entropy, gate_score, is_cleared, spike_share, wen_score
 from .guidance import DynamicTransition, combine_predictions, guard_guidance, guidance_cosine, repulsion_weight
 from .report import GuardReport, position_labels, token_labels
 
@@ -83,6 +83,7 @@ class GuardDenoiser:
         self.session = session
         gate_steps = config.gate_steps if config.gate_threshold is not None else 1
         self.detection_steps = max(detection_steps, gate_steps)
+        self.fix_after = gate_steps  # spike_tokens="first-step": the UNet calls before the tokens are fixed
         self.cleared: Optional[torch.Tensor] = None  # (images,) bool once the gate has decided
         self.flagged: Optional[torch.Tensor] = None  # images keeping an attenuated row (None: all of them)
         self.norms: list[torch.Tensor] = []  # per UNet call: (3, images) on the device
@@ -91,6 +92,7 @@ class GuardDenoiser:
         self.guided_calls = 0  # UNet calls before a callback switched guidance off (all of them otherwise)
         self._negative = self._positive = None
         self._stacked = None
+        self._counted: Optional[torch.Tensor] = None  # spike counts at the last detection call
 
     def schedule_index(self, call_index: int) -> int:
         """The inference step a UNet call belongs to (its position in the guidance schedule)."""
@@ -159,6 +161,8 @@ class GuardDenoiser:
         config, n = self.config, self.images
         detecting = self.calls < self.detection_steps
         session = self.session
+        if config.spike_tokens == "first-step" and self.calls == self.fix_after and self.guided:
+            self._fix_spike_tokens()
         read_mass = detecting and session is not None and config.method == "guard" and bool(session.attenuated_layers)
         if read_mass:  # Ren et al.'s entropy reads the plain prompt's rows
             session.reset_mass()
@@ -223,12 +227,39 @@ class GuardDenoiser:
         return scheduler.step(guided, timestep, latents, **(extra_step_kwargs or {}), return_dict=False)[0]
 
     def _detect(self, eps_u, eps_neg, eps_pos, session: Optional[AttenuationSession]) -> None:
-        entropy = None
+        entropy = share = None
         if session is not None:
             masses = session.attention_mass()
             if masses:
                 entropy = torch.stack([attention_entropy(mass) for mass in masses.values()]).mean(dim=0)
-        self.scores.add(wen=wen_score(eps_u, eps_neg), cosine=guidance_cosine(eps_u, eps_pos, eps_neg), entropy=entropy)
+            counts = session.spike_counts()
+            layers = [name for name in session.attenuated_layers if name in counts]
+            if layers:  # the counts so far, per image; this call's are the increase since the last one
+                total = torch.stack([counts[name][: self.images] for name in layers]).sum(dim=0)
+                this_call = total if self._counted is None else total - self._counted
+                self._counted = total
+                share = spike_share(this_call, sum(session.heads[name] for name in layers))
+        self.scores.add(
+            wen=wen_score(eps_u, eps_neg),
+            cosine=guidance_cosine(eps_u, eps_pos, eps_neg),
+            entropy=entropy,
+            spike_share=share,
+        )
+
+    def _fix_spike_tokens(self) -> None:
+        """``spike_tokens="first-step"``: each guided image's spike tokens from now on are those its
+        first calls flagged at least half as often as its most-flagged token (on the device)."""
+        session, n = self.session, self.images
+        if session is None or session.spike_rows is None:
+            return
+        counts = session.spike_counts()
+        layers = [counts[name][:n] for name in session.attenuated_layers if name in counts]
+        if not layers:
+            return
+        total = torch.stack(layers).sum(dim=0)  # (images, tokens)
+        fixed = (total > 0) & (2 * total >= total.amax(dim=1, keepdim=True))
+        fixed[:, 0] = False  # BOS is never a spike
+        session.fixed_spikes = fixed if self.flagged is None else fixed.index_select(0, self.flagged)
 
     def _decide(self, device) -> None:
         """The gate: clear images whose score says "not memorized", and pack the batch for the rest

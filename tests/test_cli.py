@@ -77,10 +77,12 @@ def test_demo_takes_setting_overrides(tmp_path, capsys):
         "0.25",
         "--gate-threshold",
         "0.9",
+        "--spike-tokens",
+        "first-step",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "r=0.25 (cosine) tau=3.5 alpha=0.4 gate=0.9" in printed
+    assert "r=0.25 (cosine) tau=3.5 alpha=0.4 first-step tokens gate: first-step cosine > 0.9;" in printed
     assert "memorization gate:" in printed and "of 5 memorized-prompt samples" in printed
 
 

@@ -8,11 +8,20 @@ import math
 
 import pytest
 import torch
-from sampler_utils import PROMPTS, initial_latents, relative_error, tiny_components
+from sampler_utils import PROMPTS, eager_guard_latents, initial_latents, relative_error, tiny_components
 
 from guard.attention import cross_attention_layers
 from guard.config import DEFAULT_BLOCKS, GuardConfig
-from guard.detection import DetectionScores, attention_entropy, detect, is_cleared, wen_score
+from guard.detection import (
+    DetectionScores,
+    attention_entropy,
+    detect,
+    gate_rule,
+    is_cleared,
+    linear_score,
+    spike_share,
+    wen_score,
+)
 from guard.pipeline import StableDiffusionGuardPipeline
 
 STEPS = 3
@@ -97,6 +106,39 @@ def test_first_step_scores_equal_independent_computations(pipe):
     assert report.to_dict()["detection"]["wen"] == scores.wen.tolist()
 
 
+@torch.no_grad()
+def test_spike_share_equals_the_eager_spike_rule(pipe):
+    """The largest share of the first call's (layer, head) checks that flagged one token, BOS excluded."""
+    components = {"unet": pipe.unet, "tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder,
+                  "scheduler": pipe.scheduler}  # fmt: skip
+    eager = eager_guard_latents(components, PROMPTS, initial_latents(2), 1)
+    heads = {name: layer.heads for name, layer in cross_attention_layers(pipe.unet).items()}
+    counts = torch.stack(list(eager.flags.values())).sum(dim=0)  # (prompts, tokens)
+    expected = counts[:, 1:].amax(dim=1).float() / sum(heads[name] for name in eager.flags)
+    assert expected.min() > 0  # the tiny model's spike rule flags something, so the check can fail
+    scores = run(pipe, GuardConfig(), latents=initial_latents(2), images=1, num_inference_steps=1).report.detection
+    torch.testing.assert_close(scores.spike_share.flatten(), expected)
+    # Over two calls, the mean of each call's own share (not of the running total).
+    two = run(pipe, GuardConfig(), images=1, num_inference_steps=4, detection_steps=2).report.detection
+    one = run(pipe, GuardConfig(), images=1, num_inference_steps=4, detection_steps=1).report.detection
+    assert torch.all(two.spike_share <= 1.0) and not torch.equal(two.spike_share, one.spike_share)
+    torch.testing.assert_close(spike_share(torch.tensor([[9, 1, 3, 0], [0, 0, 0, 0]]), 4), torch.tensor([0.75, 0.0]))
+
+
+def test_linear_gate_weights_are_wen_cosine_entropy(pipe):
+    """gate_weights are (wen, cosine, entropy), in that order, as documented."""
+    scores = run(pipe, GuardConfig()).report.detection
+    means = {name: scores.get(name).flatten() for name in ("wen", "cosine", "entropy")}
+    for i, name in enumerate(("wen", "cosine", "entropy")):
+        weights = [0.0, 0.0, 0.0]
+        weights[i] = 2.0
+        torch.testing.assert_close(linear_score(means, weights), 2.0 * means[name])
+    config = GuardConfig(gate_threshold=0.5, gate_detector="linear", gate_weights=(0.0, -1.0, 2.0), gate_steps=2)
+    assert gate_rule(config) == "first 2 steps' -1 cosine + 2 entropy < 0.5"
+    assert gate_rule(GuardConfig(gate_threshold=0.95)) == "first-step cosine > 0.95"
+    assert gate_rule(GuardConfig(gate_threshold=0.5, gate_detector="spike_share")) == "first-step spike_share < 0.5"
+
+
 def test_score_helpers():
     eps_u, eps_c = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
     torch.testing.assert_close(wen_score(eps_u, eps_c), torch.full((2,), math.sqrt(12)))
@@ -110,13 +152,16 @@ def test_score_helpers():
         is_cleared("norm", score, 1.0)
 
 
-@pytest.mark.parametrize("detector", ["wen", "cosine", "entropy"])
+@pytest.mark.parametrize("detector", ["wen", "cosine", "entropy", "spike_share"])
 def test_cleared_images_equal_cfg_and_flagged_ones_guard_in_one_batch(pipe, detector):
     latents = initial_latents(4)
     guard = run(pipe, GuardConfig(), latents=latents)
     cfg = run(pipe, "cfg", latents=latents)
     first = guard.report.detection.get(detector).flatten()
-    threshold = float(first.median())  # a threshold between the images' scores splits them
+    distinct = first.unique()  # sorted; spike shares are fractions and may tie
+    assert len(distinct) >= 2
+    middle = len(distinct) // 2
+    threshold = float(distinct[middle - 1] + distinct[middle]) / 2  # between the images' scores: splits them
     mixed = run(pipe, GuardConfig(gate_threshold=threshold, gate_detector=detector), latents=latents)
     cleared = mixed.report.cleared.flatten()
     assert cleared.any() and not cleared.all()
@@ -168,7 +213,7 @@ def test_detect_runs_only_the_first_steps_and_matches_the_report(pipe):
         hook.remove()
     assert len(calls) == 2 and screened.steps == 2
     full = run(pipe, GuardConfig(), latents=latents, num_inference_steps=10, detection_steps=2).report.detection
-    for name in ("wen", "cosine", "entropy"):
+    for name in ("wen", "cosine", "entropy", "spike_share"):
         torch.testing.assert_close(screened.get(name), full.get(name))
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         detect(pipe, "a cat", steps=0)
@@ -185,6 +230,8 @@ def test_detect_runs_only_the_first_steps_and_matches_the_report(pipe):
         ({"gate_threshold": 1.0, "gate_steps": 0}, "gate_steps must be a positive integer"),
         ({"gate_threshold": -1.0, "gate_detector": "wen"}, "gate_threshold must be >= 0"),
         ({"gate_threshold": 2.0}, r"gate_threshold must be in \[-1, 1\]"),
+        ({"gate_threshold": 1.5, "gate_detector": "spike_share"}, r"spike_share gate must be in \[0, 1\]"),
+        ({"gate_threshold": 1.0, "gate_detector": "linear", "gate_weights": (1.0, 2.0, 3.0, 4.0)}, "3 numbers"),
     ],
 )
 def test_gate_settings_are_validated(kwargs, message):

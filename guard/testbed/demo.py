@@ -64,6 +64,7 @@ def run_demo(
     the folder's recorded setting, chosen by the paper's rule on that model, else the published one).
     """
     from ..config import GuardConfig
+    from ..detection import gate_rule
     from ..pipeline import StableDiffusionGuardPipeline
     from ..report import PAD_LABEL
     from ..visualize import image_grid
@@ -158,16 +159,18 @@ def run_demo(
         legend=LEGEND + (f"Copy threshold: own-image SSIM > {threshold}; {seeds} seeds, {steps} DDIM steps.",),
     ).save(out)  # fmt: skip
 
-    gate = "" if cleared is None else f" gate={guard_config.gate_threshold}"
+    gate = "" if cleared is None else f" gate: {gate_rule(guard_config)}"
     print(
         f"GUARD setting: s={guard_config.guidance_scale} r={guard_config.repulsion_scale} "
         f"({guard_config.repulsion_schedule}) tau={guard_config.spike_threshold} alpha={guard_config.spike_scale}"
-        f"{' orthogonalised' if guard_config.orthogonalize else ''}{gate}; CFG at s={cfg_config.guidance_scale}"
+        f"{' orthogonalised' if guard_config.orthogonalize else ''}"
+        f"{' first-step tokens' if guard_config.spike_tokens == 'first-step' else ''}{gate};"
+        f" CFG at s={cfg_config.guidance_scale}"
     )
     if cleared is not None:
         print(
-            f"memorization gate: images whose first-step attenuated and plain guidance agree above cosine "
-            f"{guard_config.gate_threshold} are cleared and guided by plain CFG (GUARD* in the picture): "
+            f"memorization gate: images with {gate_rule(guard_config)} are cleared and guided by plain CFG "
+            f"(GUARD* in the picture): "
             f"{int(cleared[: len(items)].sum())} of {cleared[: len(items)].numel()} memorized-prompt samples, "
             f"{int(cleared[len(items) :].sum())} of {cleared[len(items) :].numel()} plain-prompt samples"
         )
