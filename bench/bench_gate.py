@@ -53,7 +53,7 @@ MODELS = {
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                  cross_attention_dim=32, attention_head_dim=2),
 }  # fmt: skip
-RUNS = ("cfg", "guard", "non-memorized", "mixed", "memorized")
+RUNS = ("cfg", "guard", "guard, first-step tokens", "non-memorized", "mixed", "memorized")
 
 
 def build_pipeline(model: str) -> StableDiffusionGuardPipeline:
@@ -87,6 +87,7 @@ def run_configs(pipe, latents) -> dict[str, GuardConfig]:
     return {
         "cfg": GuardConfig.preset("cfg"),
         "guard": GuardConfig(),
+        "guard, first-step tokens": GuardConfig(spike_tokens="first-step"),
         "non-memorized": GuardConfig(gate_threshold=-1.0),
         "mixed": GuardConfig(gate_threshold=threshold),
         "memorized": GuardConfig(gate_threshold=1.0),

@@ -554,23 +554,24 @@ def denoise(unet, setup, config, steps: int, backend: str = "auto"):
     return latents, denoiser
 
 
-#: Stage 5's variants: (method, cosine gate threshold). The gate clears an image whose guidance
+#: Stage 5's variants: (method, cosine gate threshold, spike tokens). The gate clears an image whose guidance
 #: cosine is above the threshold: above 1 never (no image cleared), above -1 always (every one).
 GATED_VARIANTS = {
-    "cfg": ("cfg", None),
-    "guard": ("guard", None),
-    "guard_gate_none": ("guard", 1.0),
-    "guard_gate_all": ("guard", -1.0),
+    "cfg": ("cfg", None, "per-check"),
+    "guard": ("guard", None, "per-check"),
+    "guard_gate_none": ("guard", 1.0, "per-check"),
+    "guard_gate_all": ("guard", -1.0, "per-check"),
+    "guard_first_step": ("guard", None, "first-step"),  # spike tokens fixed after the first step
 }
 
 
 def gated_config(variant: str):
     from guard.config import GuardConfig
 
-    method, threshold = GATED_VARIANTS[variant]
+    method, threshold, tokens = GATED_VARIANTS[variant]
     if method != "guard":
         return GuardConfig.preset(method)
-    return GuardConfig(gate_threshold=threshold, gate_detector="cosine") if threshold is not None else GuardConfig()
+    return GuardConfig(gate_threshold=threshold, spike_tokens=tokens)
 
 
 def stage_gated(models: ModelSpecs, budget: Budget, errors: list) -> dict:

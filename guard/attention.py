@@ -182,6 +182,7 @@ class AttenuationSession:
         self.mass_rows: Optional[slice] = None
         self._token_scale: Optional[torch.Tensor] = None
         self._token_bias: Optional[torch.Tensor] = None
+        self._fixed_spikes: Optional[torch.Tensor] = None
 
     @property
     def spike_rows(self) -> SpikeRows:
@@ -216,6 +217,22 @@ class AttenuationSession:
     @token_bias.setter
     def token_bias(self, value: Optional[torch.Tensor]) -> None:
         self._token_bias = _token_tensor("token_bias", value)
+
+    @property
+    def fixed_spikes(self) -> Optional[torch.Tensor]:
+        """None, or (spike rows, num_tokens) bool: each spike row's tokens fixed for the rest of the run.
+        In the attenuated layers they get the logit factor ``spike_scale`` in every head and the spike
+        rule no longer runs (``GuardConfig.spike_tokens="first-step"``); ``spike_rows`` must be a slice.
+        They count as flagged in every head, so the statistics say what acted."""
+        return self._fixed_spikes
+
+    @fixed_spikes.setter
+    def fixed_spikes(self, value: Optional[torch.Tensor]) -> None:
+        if value is not None and (not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() != 2):
+            raise TypeError(
+                f"fixed_spikes must be None or a 2-D bool tensor (spike rows, num_tokens), got {_describe(value)}"
+            )
+        self._fixed_spikes = value
 
     @property
     def unet_kwargs(self) -> dict:
@@ -371,7 +388,9 @@ class GuardCrossAttnProcessor:
         if session.token_bias is not None:
             extra = session.token_bias.float()
             token_bias = extra if token_bias is None else token_bias + extra.unsqueeze(1)
-        if isinstance(spike_rows, slice) and torch_path and not modulated and token_bias is None:
+        if spike_rows is not None and session.fixed_spikes is not None:
+            hidden_states = self._fixed(session, attn, query, key, value, spike_rows, token_bias, torch_path)
+        elif isinstance(spike_rows, slice) and torch_path and not modulated and token_bias is None:
             hidden_states = self._split_rows(session, attn, query, key, value, spike_rows)
         else:
             hidden_states = self._fused(session, attn, query, key, value, spike_rows, token_bias)
@@ -451,6 +470,57 @@ class GuardCrossAttnProcessor:
             session._record(self.name, stats.spikes, query.shape[0])
         if mass_rows is not None:
             session._record_mass(self.name, stats.mass[mass_rows], query.shape[1])
+        return out
+
+    def _fixed(self, session, attn, query, key, value, spike_rows, token_bias, torch_path: bool) -> torch.Tensor:
+        """The spike rows with their fixed tokens (``session.fixed_spikes``) scaled by ``spike_scale``
+        in every head, no spike rule; on the PyTorch path the other rows through SDPA."""
+        if not isinstance(spike_rows, slice):
+            raise ValueError(f"{self.name}: fixed spike tokens need spike_rows as a slice of the UNet batch")
+        batch, num_keys, heads = query.shape[0], key.shape[1], query.shape[2]
+        start, stop, _ = spike_rows.indices(batch)
+        fixed = session.fixed_spikes
+        if tuple(fixed.shape) != (stop - start, num_keys):
+            raise ValueError(
+                f"{self.name}: fixed_spikes has shape {tuple(fixed.shape)}, expected (spike rows, num_tokens)="
+                f"({stop - start}, {num_keys})"
+            )
+        factor = torch.ones(fixed.shape, dtype=torch.float32, device=query.device)
+        factor.masked_fill_(fixed, session.config.spike_scale)
+        if session.collect_stats:  # what acted: the fixed tokens, in every head
+            session._record(self.name, fixed.unsqueeze(1).expand(-1, heads, -1), batch, slice(start, stop))
+        if torch_path and session.token_scale is None and token_bias is None:
+            out = torch.empty_like(query)
+            rows = slice(start, stop)
+            out[rows] = cross_attention(
+                query[rows], key[rows], value[rows], scale=attn.scale, token_scale=factor, backend=session.backend
+            )
+            mass = None if session.mass_rows is None else range(*session.mass_rows.indices(batch))
+            for plain in (slice(0, start), slice(stop, batch)):
+                if plain.stop <= plain.start:
+                    continue
+                if mass is not None and plain.start <= mass.start and mass.stop <= plain.stop:  # the detector's rows
+                    out[plain], stats = self._kernel(
+                        session, attn, query[plain], key[plain], value[plain], None, None, stats=True
+                    )
+                    session._record_mass(self.name, stats.mass[mass.start - plain.start : mass.stop - plain.start],
+                                         query.shape[1])  # fmt: skip
+                else:
+                    q, k, v = (t[plain].transpose(1, 2) for t in (query, key, value))
+                    out[plain] = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
+            return out
+        ones = factor.new_ones
+        scale = torch.cat([ones(start, num_keys), factor, ones(batch - stop, num_keys)])
+        if session.token_scale is not None:
+            scale = scale * session.token_scale.float()
+        result = cross_attention(
+            query, key, value, scale=attn.scale, token_scale=scale, token_bias=token_bias,
+            return_stats=session.mass_rows is not None, backend=session.backend,
+        )  # fmt: skip
+        if session.mass_rows is None:
+            return result
+        out, stats = result
+        session._record_mass(self.name, stats.mass[session.mass_rows], query.shape[1])
         return out
 
     def _split_rows(self, session, attn, query, key, value, spike_rows: slice) -> torch.Tensor:

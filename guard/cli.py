@@ -187,6 +187,7 @@ def _guard_config(args, is_testbed: bool):
         "repulsion_scale": args.repulsion_scale,
         "spike_threshold": args.spike_threshold,
         "spike_scale": args.spike_scale,
+        "spike_tokens": args.spike_tokens,
         "gate_threshold": args.gate_threshold,
         "blocks": args.blocks,
     }
@@ -240,10 +241,18 @@ def cmd_demo(args) -> int:
 
 def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     """Overrides of single GuardConfig fields (default: the method's preset or the testbed's setting)."""
+    from .config import SPIKE_TOKENS
+
     parser.add_argument("--guidance-scale", type=_finite_float, default=None)
     parser.add_argument("--repulsion-scale", type=_finite_float, default=None)
     parser.add_argument("--spike-threshold", type=_finite_float, default=None)
     parser.add_argument("--spike-scale", type=_finite_float, default=None)
+    parser.add_argument(
+        "--spike-tokens",
+        choices=SPIKE_TOKENS,
+        default=None,
+        help="per-check (the paper) or first-step: each image's spike tokens fixed after the first step",
+    )
     parser.add_argument(
         "--gate-threshold",
         type=_gate_value,

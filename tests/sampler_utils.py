@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -153,6 +153,7 @@ class EagerSpikeAttention:
         self.tau = tau
         self.alpha = alpha
         self.flags = None  # (B, Nk) int64: (call, head) pairs that flagged each token
+        self.fixed = None  # (B, Nk) bool: once set, these tokens get alpha in every head, no spike rule
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         assert encoder_hidden_states is not None
@@ -170,6 +171,10 @@ class EagerSpikeAttention:
             self.flags = torch.zeros(batch, logits.shape[-1], dtype=torch.int64)
         for b in range(batch):
             if not self.rows[b]:
+                continue
+            if self.fixed is not None:
+                logits[b, :, :, self.fixed[b]] = logits[b, :, :, self.fixed[b]] * self.alpha
+                self.flags[b] += heads * self.fixed[b].long()
                 continue
             for h in range(heads):
                 peaks = logits[b, h].max(dim=0).values  # (Nk,)
@@ -215,8 +220,14 @@ def eager_guard_latents(
     blocks=("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block"),
     orthogonalize: bool = False,
     scheduler=None,
+    fixed_after: Optional[int] = None,
 ) -> torch.Tensor:
-    """GUARD ("guard") or CA attenuation ("attenuation") sampled eagerly, one image per prompt."""
+    """GUARD ("guard") or CA attenuation ("attenuation") sampled eagerly, one image per prompt.
+
+    ``fixed_after``: after that many steps, each image's spike tokens are fixed (flagged at least half
+    as often as its most-flagged token over those steps, summed over the layers) and from then on only
+    they are attenuated, in every head (``GuardConfig.spike_tokens="first-step"``).
+    """
     unet, tokenizer, text_encoder = components["unet"], components["tokenizer"], components["text_encoder"]
     if scheduler is None:
         scheduler = type(components["scheduler"]).from_config(components["scheduler"].config)
@@ -242,6 +253,12 @@ def eager_guard_latents(
         scheduler.set_timesteps(num_steps)
         x = latents * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
+            if fixed_after is not None and i == fixed_after:
+                total = sum(processor.flags for processor in eager_layers.values())
+                top = total.max(dim=1, keepdim=True).values
+                fixed = (total > 0) & (2 * total >= top)
+                for processor in eager_layers.values():
+                    processor.fixed = fixed
             model_input = scheduler.scale_model_input(torch.cat([x] * groups), t)
             eps = unet(model_input, t, encoder_hidden_states=embeddings).sample
             if method == "guard":
