@@ -1,4 +1,6 @@
-"""guard.testbed.detection_study: the AUC, TPR at a false-positive rate, and the bootstrap over prompts."""
+"""guard.testbed.detection_study: the AUC, TPR at a false-positive rate, the bootstrap over prompts, the stages."""
+
+import json
 
 import numpy as np
 import pytest
@@ -58,7 +60,38 @@ def test_the_surgical_stage_measures_every_setting_on_the_attached_trigger(monke
     rows = [line for line in (tmp_path / "testbed_surgical.md").read_text().splitlines() if line.startswith("| ")]
     names = [row.split(" | ")[0][2:] for row in rows[1:]]
     assert names[0] == "CFG" and "alpha=0.05, every layer" in names and "alpha=0.45, default blocks, r=0" in names
-    assert len(names) == 10
-    for row in rows[1:]:
+    assert "alpha=0.45, default blocks, r=1, first-step tokens" in names
+    table = rows[1 : names.index("prompts") + 1]
+    assert len(table) == 12
+    paired = [row.strip("| ").split(" | ") for row in rows[len(table) + 2 :]]
+    attached, asked = "trigger on another caption", "aligned to the asked caption"
+    expected = [(attached, asked), (attached, "copies"), ("exact", asked), ("exact", "copies")]
+    assert [(p[0], p[1]) for p in paired] == expected
+    assert all(p[-1] == "10" for p in paired)  # one prompt of each kind x the ten paired seeds
+    for row in table:
         cells = row.strip("| ").split(" | ")[1:]
         assert len(cells) == 4 and all(cell.endswith("%") and 0 <= float(cell[:-1]) <= 100 for cell in cells)
+
+
+def test_the_gate_sweep_composes_gated_runs_from_cfg_and_ungated_guard(monkeypatch, tmp_path):
+    """--gate-sweep on the shipped testbed, cut to one item's variants, two plain prompts and two steps:
+    the composite of CFG and ungated GUARD reproduces the shipped setting's real gated run, and every
+    candidate (cosine, spike share, linear on each base) gets a row."""
+    import guard.testbed.detection_study as study
+
+    memorized, plain = study.memorized_variants, study.plain_variants
+    monkeypatch.setattr(study, "memorized_variants", lambda items: [v for v in memorized(items) if v.item == 0])
+    monkeypatch.setattr(study, "plain_variants", lambda prompts: plain(prompts)[:4])
+    argv = ["--out", str(tmp_path), "--gate-sweep", "--steps", "2", "--score-steps", "1", "--seeds", "1"]
+    assert main(argv + ["--sweep-seeds", "1", "--confirm-seeds", "1", "--threads", "1"]) == 0
+    text = (tmp_path / "testbed_detection.md").read_text()
+    assert "agrees with its composite on 100.0% of the samples' copy and alignment verdicts" in text
+    sweep = text.split("### Sweep")[1].split("### Confirmation")[0]
+    names = [line.split(" | ")[0][2:] for line in sweep.splitlines() if line.startswith("| ") and "---" not in line]
+    assert names[:3] == ["setting", "CFG", "shipped default (before)"]
+    for base in ("alpha=0.45, r=1", "alpha=0.3, r=1", "alpha=0.45, r=0.5", "alpha=0.45, r=1, first-step tokens"):
+        assert f"GUARD without the gate, {base}" in names
+        for gate in ("cosine", "spike share", "linear"):
+            assert all(f"{gate} {rate} on {base}" in names for rate in ("2%", "5%", "10%"))
+    record = json.loads((tmp_path / "testbed_detection.json").read_text())
+    assert {row["score"] for row in record["detection"]} == {"cosine", "wen", "entropy", "spike_share"}

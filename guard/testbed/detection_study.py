@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import GuardConfig
+from ..config import LINEAR_DETECTORS, GuardConfig
 from ..detection import DETECTORS, MEMORIZED_IF_HIGH, detect
 from .variants import KINDS, Variant, memorized_variants, plain_variants
 
@@ -171,6 +171,9 @@ def variant_table(study: Sampled) -> list[str]:
 
 ALIGNMENT_TOLERANCE = 0.15  # the paper's rule: alignment no worse than 15% below CFG's
 PLAIN_ALIGNED = 0.95  # and plain prompts stay at least this aligned
+#: A gate that clears nearly everything meets the alignment rule by being CFG; the issue's bar is that
+#: copies fall as they do for exact captions, so a chosen setting must at least halve CFG's copies.
+PROTECTED_COPIES = 0.5
 
 
 @dataclass
@@ -189,36 +192,65 @@ class GateResult:
     cleared_plain: float
 
 
+@dataclass
+class Outcomes:
+    """Per variant and seed, (prompts, seeds) arrays: what one run's samples show."""
+
+    copies: np.ndarray  # bool: copies some memorized training image
+    aligned: np.ndarray  # float: shows the asked caption (NaN where nothing is asked)
+    own: np.ndarray  # SSIM to the variant's item's training image (NaN for plain prompts)
+
+    def where(self, flagged: np.ndarray, other: "Outcomes") -> "Outcomes":
+        """These outcomes where ``flagged``, ``other``'s elsewhere."""
+        pairs = ((self.copies, other.copies), (self.aligned, other.aligned), (self.own, other.own))
+        return Outcomes(*(np.where(flagged, mine, theirs) for mine, theirs in pairs))
+
+
+def sample_outcomes(images: np.ndarray, variants: list[Variant], items, threshold: float) -> Outcomes:
+    """Score (prompts, seeds, H, W, 3) samples: copies, alignment to the asked caption, own SSIM."""
+    from .metrics import alignment, nearest_training, ssim
+
+    training = np.stack([item.image for item in items])
+    shape = images.shape[:2]
+    copies, aligned, own = np.zeros(shape, dtype=bool), np.full(shape, np.nan), np.full(shape, np.nan)
+    for p, variant in enumerate(variants):
+        copies[p] = nearest_training(images[p], training)[1] > threshold
+        if variant.asked is not None:
+            aligned[p] = [alignment(image, variant.asked_caption)["all_ok"] for image in images[p]]
+        if variant.item is not None:
+            own[p] = np.atleast_1d(ssim(images[p], items[variant.item].image))
+    return Outcomes(copies, aligned, own)
+
+
+def summarize(name: str, config: GuardConfig, variants: list[Variant], outcomes: Outcomes,
+              cleared: np.ndarray) -> GateResult:  # fmt: skip
+    """A setting's GateResult from its per-sample outcomes and the gate's (prompts, seeds) decisions."""
+    memorized = np.array([v.item is not None for v in variants])
+    kinds = np.array([v.kind for v in variants])
+    asked = memorized[:, None] & ~np.isnan(outcomes.aligned)
+
+    def by_kind(values, where):
+        return {kind: _mean(values[(kinds == kind)[:, None] & where]) for kind in KINDS if (kinds == kind).any()}
+
+    everywhere = np.ones(outcomes.copies.shape, dtype=bool)
+    return GateResult(
+        name, config, _mean(outcomes.own[memorized]), _mean(outcomes.copies[memorized]),
+        by_kind(outcomes.copies, everywhere), _mean(outcomes.aligned[asked]),
+        {k: v for k, v in by_kind(outcomes.aligned, asked).items() if not np.isnan(v)},
+        _mean(outcomes.aligned[~memorized[:, None] & ~np.isnan(outcomes.aligned)]),
+        _mean(cleared[memorized]), _mean(cleared[~memorized]),
+    )  # fmt: skip
+
+
 def measure_setting(pipe, name, config, variants, items, threshold, seeds, steps) -> GateResult:
     """Sample every variant under ``config`` and score copies and alignment to the asked caption."""
     from .efficacy import sample_images
-    from .metrics import alignment, nearest_training, ssim
 
     images, report = sample_images(pipe, [v.prompt for v in variants], config, seeds, steps)
-    training = np.stack([item.image for item in items])
     cleared = np.zeros((len(variants), len(seeds)))
     if report.cleared is not None:
         cleared = report.cleared.numpy().astype(float)
-    own, copies, aligned, plain, kinds_copies, kinds_aligned = [], [], [], [], {}, {}
-    for p, variant in enumerate(variants):
-        copied = nearest_training(images[p], training)[1] > threshold
-        ok = None if variant.asked is None else [alignment(i, variant.asked_caption)["all_ok"] for i in images[p]]
-        if variant.item is None:
-            plain += ok
-            continue
-        own += list(np.atleast_1d(ssim(images[p], items[variant.item].image)))
-        copies += list(copied)
-        kinds_copies.setdefault(variant.kind, []).extend(copied)
-        if ok is not None:
-            aligned += ok
-            kinds_aligned.setdefault(variant.kind, []).extend(ok)
-    memorized = [p for p, v in enumerate(variants) if v.item is not None]
-    others = [p for p in range(len(variants)) if p not in memorized]
-    return GateResult(
-        name, config, _mean(own), _mean(copies), {k: _mean(v) for k, v in kinds_copies.items()}, _mean(aligned),
-        {k: _mean(v) for k, v in kinds_aligned.items()}, _mean(plain), _mean(cleared[memorized]),
-        _mean(cleared[others]),
-    )  # fmt: skip
+    return summarize(name, config, variants, sample_outcomes(images, variants, items, threshold), cleared)
 
 
 def _mean(values) -> float:
@@ -228,9 +260,10 @@ def _mean(values) -> float:
 
 
 def eligible(result: GateResult, cfg: GateResult) -> bool:
+    """The paper's alignment rule, the plain-prompt floor, and protection (copies at most half CFG's)."""
     limit = 1.0 - ALIGNMENT_TOLERANCE
     return (result.aligned >= limit * cfg.aligned and result.plain_aligned >= limit * cfg.plain_aligned
-            and result.plain_aligned >= PLAIN_ALIGNED)  # fmt: skip
+            and result.plain_aligned >= PLAIN_ALIGNED and result.copies <= PROTECTED_COPIES * cfg.copies)  # fmt: skip
 
 
 def linear_weights(study: Sampled, k: int) -> tuple[tuple[float, float, float], dict]:
@@ -247,18 +280,24 @@ def linear_weights(study: Sampled, k: int) -> tuple[tuple[float, float, float], 
 def gate_candidates(
     study: Sampled, base: GuardConfig, k: int, flag_rates=(0.02, 0.05, 0.1)
 ) -> list[tuple[str, GuardConfig]]:
-    """Gates that flag the given shares of the plain prompts' samples, per detector, on ``base``'s GUARD setting."""
+    """Gates that flag (at most) the given shares of the plain prompts' samples in the detection
+    study, per detector, on ``base``'s GUARD setting: the cosine, the spike share and the linear gate."""
     plain = [p for p, v in enumerate(study.variants) if v.item is None]
     weights, _ = linear_weights(study, k)
     raw = {name: _memorized_up(name, study.scores[k][name]) for name in DETECTORS}  # the orientation undone
-    linear = sum(w * raw[name] for w, name in zip(weights, DETECTORS) if w)
+    linear = sum(w * raw[name] for w, name in zip(weights, LINEAR_DETECTORS) if w)
     candidates = []
     for rate in flag_rates:
         cosine = float(np.quantile(raw["cosine"][plain], rate))  # cleared above: flag the lowest `rate`
         candidates.append(
             (f"cosine {rate:.0%}", base.replace(gate_threshold=cosine, gate_detector="cosine", gate_steps=k))
         )
-        line = float(np.quantile(linear[plain], 1.0 - rate))  # cleared below: flag the highest `rate`
+        # Cleared below: flag the highest `rate`. Spike shares are fractions of a few checks and tie,
+        # so the threshold sits just above the quantile (flagging at most `rate`).
+        share = float(np.nextafter(np.quantile(raw["spike_share"][plain], 1.0 - rate, method="higher"), np.inf))
+        gate = base.replace(gate_threshold=min(share, 1.0), gate_detector="spike_share", gate_steps=k)
+        candidates.append((f"spike share {rate:.0%}", gate))
+        line = float(np.quantile(linear[plain], 1.0 - rate))
         candidates.append((f"linear {rate:.0%}", base.replace(gate_threshold=line, gate_detector="linear",
                                                                gate_weights=weights, gate_steps=k)))  # fmt: skip
     return candidates
@@ -289,48 +328,101 @@ def _describe(config: GuardConfig) -> str:
 
 
 def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: dict) -> list[str]:
-    """The gated setting chosen the paper's way on the variants, re-measured on fresh seeds."""
+    """The gated setting chosen the paper's way on the variants, re-measured on fresh seeds.
+
+    The sweep is exact without a gated run per candidate: a gated run gives each cleared image CFG's
+    sample of the same seed and each flagged one the ungated GUARD's (to float tolerance, tested in
+    tests/test_detection.py), and its decision reads the first steps' scores, which the ungated run
+    reports. So each base setting is sampled once without the gate, and every gate on it is the
+    composite of that run and CFG's. The confirmation really runs the gated pipeline.
+    """
+    from ..detection import gate_score, is_cleared
     from .defaults import copy_threshold, record_testbed_setting
+    from .efficacy import sample_images
 
     threshold = copy_threshold(args.path)
     s = config.guidance_scale
     memorized = [v for v in study.variants if v.item is not None]
     plain = [v for v in study.variants if v.item is None]
     sweep_variants = memorized + plain[::2]  # every other plain prompt keeps the sweep affordable
+    prompts = [v.prompt for v in sweep_variants]
     sweep_seeds = list(range(2000, 2000 + args.sweep_seeds))
     confirm_seeds = list(range(3000, 3000 + args.confirm_seeds))
-    bases = [GuardConfig(guidance_scale=s, spike_threshold=4.0, spike_scale=alpha, repulsion_scale=1.0)
-             for alpha in (0.45, 0.3)]  # fmt: skip
+    shipped_base = config.replace(gate_threshold=None, gate_detector="cosine", gate_steps=1, gate_weights=None)
+    bases = [(f"alpha={alpha:g}, r={r:g}", shipped_base.replace(spike_threshold=4.0, spike_scale=alpha,
+                                                                 repulsion_scale=r))
+             for alpha, r in ((0.45, 1.0), (0.3, 1.0), (0.45, 0.5))]  # fmt: skip
+    bases.append(("alpha=0.45, r=1, first-step tokens", bases[0][1].replace(spike_tokens="first-step")))
+    cfg_config = GuardConfig(method="cfg", guidance_scale=s)
 
-    def measure(name, setting, seeds):
-        result = measure_setting(pipe, name, setting, sweep_variants, items, threshold, seeds, args.steps)
-        print(f"{name:34s} {_describe(setting):60s} own {result.own_ssim:.3f} copies {result.copies:.2f} "
-              f"aligned {result.aligned:.2f} plain {result.plain_aligned:.2f}", flush=True)  # fmt: skip
+    def show(result):
+        print(f"{result.name:40s} {_describe(result.config):60s} own {result.own_ssim:.3f} "
+              f"copies {result.copies:.2f} aligned {result.aligned:.2f} plain {result.plain_aligned:.2f}",
+              flush=True)  # fmt: skip
         return result
 
-    cfg = measure("CFG", GuardConfig(method="cfg", guidance_scale=s), sweep_seeds)
-    shipped = measure("shipped default (before)", config, sweep_seeds)
-    sweep = [measure(f"{name} on alpha={base.spike_scale:g}", gate, sweep_seeds)
-             for base in bases for name, gate in gate_candidates(study, base, args.gate_steps)]  # fmt: skip
+    def sample(setting, seeds):
+        images, report = sample_images(pipe, prompts, setting, seeds, args.steps, detection_steps=args.gate_steps)
+        return sample_outcomes(images, sweep_variants, items, threshold), report
+
+    def measure(name, setting, seeds):
+        outcomes, report = sample(setting, seeds)
+        cleared = np.zeros(outcomes.copies.shape) if report.cleared is None else report.cleared.numpy()
+        return show(summarize(name, setting, sweep_variants, outcomes, cleared)), outcomes
+
+    cfg, cfg_outcomes = measure("CFG", cfg_config, sweep_seeds)
+    shipped, shipped_outcomes = measure("shipped default (before)", config, sweep_seeds)
+
+    def composite(gate, ungated, scores):
+        cleared = is_cleared(gate.gate_detector, gate_score(gate, scores), gate.gate_threshold).numpy()
+        return ungated.where(~cleared, cfg_outcomes), cleared
+
+    sweep, runs = [], {}
+    for label, base in bases:
+        ungated, report = sample(base, sweep_seeds)
+        runs[base] = ungated, {name: report.detection.get(name) for name in DETECTORS}
+        none = np.zeros(ungated.copies.shape)
+        sweep.append(show(summarize(f"GUARD without the gate, {label}", base, sweep_variants, ungated, none)))
+        for name, gate in gate_candidates(study, base, args.gate_steps):
+            outcomes, cleared = composite(gate, *runs[base])
+            sweep.append(show(summarize(f"{name} on {label}", gate, sweep_variants, outcomes, cleared)))
+    # The shortcut checked once per study: the shipped setting's real gated run against its composite.
+    agreement = None
+    if shipped_base in runs and config.gate_threshold is not None and config.gate_steps == args.gate_steps:
+        shipped_composite = composite(config, *runs[shipped_base])[0]
+        same_alignment = (shipped_composite.aligned == shipped_outcomes.aligned) | np.isnan(shipped_outcomes.aligned)
+        agreement = float(np.mean((shipped_composite.copies == shipped_outcomes.copies) & same_alignment))
     ranked = sorted((r for r in sweep if eligible(r, cfg)), key=lambda r: r.own_ssim)[:3]
-    confirm_cfg = measure("CFG (confirmation seeds)", GuardConfig(method="cfg", guidance_scale=s), confirm_seeds)
-    confirmed = [measure(f"confirm {r.name}", r.config, confirm_seeds) for r in ranked]
-    shipped_confirm = measure("shipped default (before), confirmation seeds", config, confirm_seeds)
+    confirm_cfg, _ = measure("CFG (confirmation seeds)", cfg_config, confirm_seeds)
+    confirmed = [measure(f"confirm {r.name}", r.config, confirm_seeds)[0] for r in ranked]
+    shipped_confirm, _ = measure("shipped default (before), confirmation seeds", config, confirm_seeds)
     chosen = min((r for r in confirmed if eligible(r, confirm_cfg)), key=lambda r: r.own_ssim, default=None)
     weights, spread = linear_weights(study, args.gate_steps)
     lines = [
         "",
         "## The gate, chosen on the variants",
         "",
-        f"Candidates: GUARD at tau = 4, r = 1, alpha in {{0.45, 0.3}} (s = {s:g}), each with a cosine or a linear gate "
-        f"deciding after {args.gate_steps} step(s), thresholds set to flag 2%, 5% or 10% of the plain prompts' samples "
-        f"in the detection study above. The linear gate sums the cosine and the entropy, each divided by its spread "
-        f"over the plain prompts (std {spread['cosine']:.4g} and {spread['entropy']:.4g}) and negated (both are lower "
-        f"for memorized prompts on this model): weights (wen, cosine, entropy) = "
+        f"Candidates: GUARD at tau = 4 and s = {s:g} with (alpha, r) in {{(0.45, 1), (0.3, 1), (0.45, 0.5)}} and with "
+        f"(0.45, 1) and first-step spike tokens, each "
+        f"with a cosine, a spike-share or a linear gate deciding after {args.gate_steps} step(s), thresholds set to "
+        f"flag 2%, 5% or 10% of the plain prompts' samples in the detection study above. The sweep's gated rows are "
+        f"composites: each cleared sample is CFG's of the same seed, each flagged one the ungated GUARD's (what a "
+        f"gated run draws, to float tolerance; "
+        + (
+            ""
+            if agreement is None
+            else f"the shipped setting's real gated run agrees with its composite on "
+            f"{100 * agreement:.1f}% of the samples' copy and alignment verdicts; "
+        )
+        + "the confirmation runs the gated pipeline). The linear gate sums the cosine and the entropy, each divided "
+        f"by its spread over the plain prompts (std {spread['cosine']:.4g} and {spread['entropy']:.4g}) and negated "
+        f"(both are lower for memorized prompts on this model): weights (wen, cosine, entropy) = "
         f"({', '.join(f'{w:.4g}' for w in weights)}). Rule: the lowest mean SSIM of the memorized variants' samples to "
         f"their item's training image among settings whose alignment to the asked caption is within "
         f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's and whose plain prompts stay >= {100 * PLAIN_ALIGNED:.0f}% aligned "
-        f"(and within {100 * ALIGNMENT_TOLERANCE:.0f}% of CFG); the best three re-measured on fresh seeds, where the "
+        f"(and within {100 * ALIGNMENT_TOLERANCE:.0f}% of CFG) and whose copies are at most "
+        f"{100 * PROTECTED_COPIES:.0f}% of CFG's (a gate that clears nearly everything passes the alignment rule by "
+        f"being CFG); the best three re-measured on fresh seeds, where the "
         f"choice is made. Sweep: {len(sweep_variants)} prompts x seeds {sweep_seeds}; confirmation: seeds "
         f"{confirm_seeds}.",
         "",
@@ -351,7 +443,8 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         reason = (f"lowest mean SSIM to the related memorized image over the memorized captions and their variants "
                   f"(python -m guard.testbed.detection_study --gate-sweep) among settings within "
                   f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's alignment to the asked caption with plain prompts >= "
-                  f"{100 * PLAIN_ALIGNED:.0f}% aligned, on seeds {confirm_seeds}: own SSIM {chosen.own_ssim:.3f} vs "
+                  f"{100 * PLAIN_ALIGNED:.0f}% aligned and copies at most {100 * PROTECTED_COPIES:.0f}% of CFG's, "
+                  f"on seeds {confirm_seeds}: own SSIM {chosen.own_ssim:.3f} vs "
                   f"CFG {confirm_cfg.own_ssim:.3f}, copies {100 * chosen.copies:.0f}% vs "
                   f"{100 * confirm_cfg.copies:.0f}%, "
                   f"plain aligned {100 * chosen.plain_aligned:.0f}%")  # fmt: skip
@@ -364,8 +457,9 @@ def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
     """When the trigger is attached to another caption, does GUARD draw the caption asked for?
 
     Without the gate (so that attenuation is what is measured), for the spike scale alpha, the
-    attenuated layers (the default blocks, or every cross-attention layer) and the repulsion scale
-    r, on the variants that attach a trigger to another item's caption and on the exact captions.
+    attenuated layers (the default blocks, or every cross-attention layer), the repulsion scale r
+    and the spike tokens (per check, or fixed after the first step), on the variants that attach a
+    trigger to another item's caption and on the exact captions.
     """
     from .defaults import copy_threshold
 
@@ -380,6 +474,10 @@ def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
     # The repulsion pushes away from the plain prompt, which holds the asked caption as well as the trigger.
     for r in (0.0, 0.5, 2.0):
         settings.append((f"alpha={config.spike_scale:g}, default blocks, r={r:g}", ungated.replace(repulsion_scale=r)))
+    # Which tokens: the rule also flags a caption's own words in a few checks; fixed first-step tokens do not.
+    for r in (config.repulsion_scale, 0.5):
+        settings.append((f"alpha={config.spike_scale:g}, default blocks, r={r:g}, first-step tokens",
+                         ungated.replace(repulsion_scale=r, spike_tokens="first-step")))  # fmt: skip
     lines = ["", "## Surgical: the trigger attached to another caption", "",
              f"GUARD without the gate at tau = {config.spike_threshold:g}, r = {config.repulsion_scale:g} (unless a "
              f"row names r), s = {config.guidance_scale:g}; {len(variants)} prompts x seeds {seeds}. 'Asked' is the "
@@ -392,6 +490,47 @@ def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
         lines.append(f"| {name} | {100 * result.aligned_by_kind[attached]:.0f}% | "
                      f"{100 * result.copies_by_kind[attached]:.0f}% | {100 * result.copies_by_kind[exact]:.0f}% | "
                      f"{100 * result.aligned_by_kind[exact]:.0f}% |")  # fmt: skip
+        print(lines[-1], flush=True)
+    return lines + paired_token_comparison(pipe, items, ungated, variants, threshold, args)
+
+
+#: Seeds of the surgical stage's paired check, used by no choice of setting.
+PAIRED_SEEDS = tuple(range(5000, 5010))
+
+
+def paired_token_comparison(pipe, items, config: GuardConfig, variants, threshold, args) -> list[str]:
+    """First-step against per-check spike tokens on the same prompts and seeds (fresh ones: the
+    first-step rule was found on the stage's own seeds), with the difference's 95% bootstrap interval
+    over prompts and seeds."""
+    from .efficacy import sample_images
+
+    seeds = list(PAIRED_SEEDS)
+    prompts = [v.prompt for v in variants]
+    outcomes = {}
+    for tokens in ("per-check", "first-step"):
+        images, _ = sample_images(pipe, prompts, config.replace(spike_tokens=tokens), seeds, args.steps)
+        outcomes[tokens] = sample_outcomes(images, variants, items, threshold)
+    kinds = np.array([v.kind for v in variants])
+    lines = ["", f"Paired, on fresh seeds {seeds[0]}-{seeds[-1]} (the setting above, r = {config.repulsion_scale:g}): "
+             "first-step against per-check spike tokens, with the difference's 95% bootstrap interval (prompts and "
+             "seeds resampled).", "",
+             "| prompts | measure | per-check | first-step | difference [95% interval] | samples |",
+             "|---|---|---:|---:|---|---:|"]  # fmt: skip
+    rng = np.random.default_rng(0)
+    for kind, measure in (("trigger on another caption", "aligned"), ("trigger on another caption", "copies"),
+                          ("exact", "aligned"), ("exact", "copies")):  # fmt: skip
+        before, after = (getattr(outcomes[t], measure)[kinds == kind].astype(float) for t in outcomes)
+        difference = after - before
+        draws = []
+        for _ in range(2000):
+            rows = rng.integers(difference.shape[0], size=difference.shape[0])
+            columns = rng.integers(difference.shape[1], size=difference.shape[1])
+            draws.append(difference[rows][:, columns].mean())
+        low, high = np.quantile(draws, [0.025, 0.975])
+        what = "aligned to the asked caption" if measure == "aligned" else "copies"
+        interval = f"{100 * difference.mean():+.0f} [{100 * low:+.0f}, {100 * high:+.0f}]"
+        lines.append(f"| {kind} | {what} | {100 * before.mean():.0f}% | {100 * after.mean():.0f}% | {interval} | "
+                     f"{difference.size} |")  # fmt: skip
         print(lines[-1], flush=True)
     return lines
 

@@ -55,8 +55,11 @@ ALIGNMENT_KEYS = ("background_ok", "colour_ok", "shape_ok", "all_ok")
 REPLICATION_KEYS = ("own_ssim", "nearest_ssim", "nearest_index", "nearest_is_own", "copied", "copied_other")
 
 
-def sample_images(pipe, prompts: list[str], config: GuardConfig, seeds: list[int], steps: int):
-    """Images (P, S, H, W, 3) in [0, 1] for every prompt and seed, and the run's GuardReport.
+def sample_images(
+    pipe, prompts: list[str], config: GuardConfig, seeds: list[int], steps: int, detection_steps: int = 1
+):
+    """Images (P, S, H, W, 3) in [0, 1] for every prompt and seed, and the run's GuardReport (its
+    detection scores over the first ``detection_steps`` steps).
 
     Seed ``s`` fixes the initial noise of one column, identical across prompts and methods, so
     methods are compared on the same starting points (one image per seed: the runner's seeding).
@@ -71,6 +74,7 @@ def sample_images(pipe, prompts: list[str], config: GuardConfig, seeds: list[int
         generator=generators,
         guard_config=config,
         output_type="np",
+        detection_steps=detection_steps,
     )
     images = np.asarray(result.images, dtype=np.float32).reshape(len(prompts), len(seeds), *result.images.shape[1:])
     return images, result.report
