@@ -53,6 +53,21 @@ def test_first_step_tokens_match_the_eager_loop(tiny, method):
     assert torch.all(later % ((STEPS - 1) * heads) == 0) and later.sum() > 0
 
 
+def test_the_triton_backend_gives_the_same_first_step_run(tiny):
+    """Every row through the fused kernel (the Triton interpreter here), the fixed tokens as its
+    per-token factors: the PyTorch path's run (which sends the other rows through SDPA)."""
+    pytest.importorskip("triton")
+    pipe, _ = tiny
+    config = GuardConfig(spike_threshold=1.0, spike_tokens="first-step")
+    prompt = [PROMPTS[0]]
+    kwargs = dict(latents=initial_latents(1), num_inference_steps=3, output_type="latent", guard_config=config)
+    torch_run = pipe(prompt, attention_backend="torch", **kwargs)
+    triton_run = pipe(prompt, attention_backend="triton", **kwargs)
+    assert relative_error(triton_run.images, torch_run.images) <= TOLERANCE
+    assert torch.equal(triton_run.report.flag_counts, torch_run.report.flag_counts)
+    assert torch_run.report.flag_counts.sum() > 0
+
+
 def test_with_the_gate_cleared_images_are_cfg_and_flagged_ones_first_step_guard(tiny):
     pipe, _ = tiny
     config = GuardConfig(spike_threshold=1.0, spike_tokens="first-step")
