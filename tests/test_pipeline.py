@@ -1,5 +1,6 @@
 """StableDiffusionGuardPipeline end to end on a tiny SD-shaped pipeline, against an eager GUARD."""
 
+import copy
 import json
 
 import numpy as np
@@ -504,23 +505,25 @@ def test_cfg_report_prints_no_step_table(tiny):
 
 
 def _request_pipeline(components):
-    """diffusers' serving pattern: a pipeline per request on the shared modules, with its own scheduler."""
+    """diffusers' serving pattern: a pipeline per request on the shared modules, with its own scheduler
+    and tokenizer (a Hugging Face tokenizer sets its padding and truncation per call: not thread-safe)."""
     shared = dict(components)
     shared["scheduler"] = type(components["scheduler"]).from_config(components["scheduler"].config)
+    shared["tokenizer"] = copy.deepcopy(components["tokenizer"])
     pipe = StableDiffusionGuardPipeline(**shared)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def test_concurrent_requests_on_shared_weights_equal_sequential_ones(tiny):
-    """GUARD beside GUARD with other settings, and beside CFG on one pipeline, in threads."""
+    """GUARD beside GUARD with other settings, and beside CFG, in threads, on one set of weights."""
     pipe, components = tiny
     originals = dict(pipe.unet.attn_processors)
     requests = [
         (_request_pipeline(components), GuardConfig()),
         (_request_pipeline(components), GuardConfig(spike_threshold=-0.5, repulsion_scale=1.0, gate_threshold=0.99)),
-        (pipe, GuardConfig.preset("cfg")),
-        (pipe, GuardConfig.preset("attenuation")),
+        (_request_pipeline(components), GuardConfig.preset("cfg")),
+        (_request_pipeline(components), GuardConfig.preset("attenuation")),
     ]
     alone = [run(request, config, latents=initial_latents(2)).images for request, config in requests]
     results = run_together(

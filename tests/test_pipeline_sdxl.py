@@ -2,6 +2,7 @@
 ``cfg`` preset, GUARD against an independent eager loop with SDXL's added conditioning, the
 paper's blocks on SDXL's layout, and the SDXL-specific inputs."""
 
+import copy
 import math
 
 import numpy as np
@@ -452,6 +453,8 @@ def test_concurrent_sdxl_requests_on_shared_weights_equal_sequential_ones(pipes)
     def request_pipeline():
         shared = dict(components)
         shared["scheduler"] = type(components["scheduler"]).from_config(components["scheduler"].config)
+        for name in ("tokenizer", "tokenizer_2"):  # a tokenizer sets padding per call: not thread-safe
+            shared[name] = copy.deepcopy(components[name])
         request = StableDiffusionXLGuardPipeline(**shared)
         request.set_progress_bar_config(disable=True)
         return request
@@ -459,8 +462,8 @@ def test_concurrent_sdxl_requests_on_shared_weights_equal_sequential_ones(pipes)
     requests = [
         (request_pipeline(), GuardConfig()),
         (request_pipeline(), GuardConfig(spike_threshold=-0.5, repulsion_scale=1.0, gate_threshold=0.99)),
-        (pipe, GuardConfig.preset("cfg")),
-        (pipe, GuardConfig.preset("attenuation")),
+        (request_pipeline(), GuardConfig.preset("cfg")),
+        (request_pipeline(), GuardConfig.preset("attenuation")),
     ]
     alone = [call(request, guard_config=config).images for request, config in requests]
     results = run_together(
