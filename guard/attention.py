@@ -183,6 +183,7 @@ class AttenuationSession:
         self._token_scale: Optional[torch.Tensor] = None
         self._token_bias: Optional[torch.Tensor] = None
         self._fixed_spikes: Optional[torch.Tensor] = None
+        self.fixed_factor: Optional[torch.Tensor] = None  # (spike rows, num_tokens) float32, from fixed_spikes
 
     @property
     def spike_rows(self) -> SpikeRows:
@@ -233,6 +234,11 @@ class AttenuationSession:
                 f"fixed_spikes must be None or a 2-D bool tensor (spike rows, num_tokens), got {_describe(value)}"
             )
         self._fixed_spikes = value
+        # Their logit factors, built once here rather than in every layer of every call.
+        self.fixed_factor = None
+        if value is not None:
+            self.fixed_factor = torch.ones(value.shape, dtype=torch.float32, device=value.device)
+            self.fixed_factor.masked_fill_(value, self.config.spike_scale)
 
     @property
     def unet_kwargs(self) -> dict:
@@ -245,6 +251,16 @@ class AttenuationSession:
     def spike_counts(self) -> dict[str, torch.Tensor]:
         """Per attenuated layer that has run: (count rows, num_tokens) int32 device tensor of flag counts."""
         return dict(self._counts)
+
+    def image_flags(self, rows: int) -> tuple[Optional[torch.Tensor], int]:
+        """(rows, num_tokens) int32: the first ``rows`` count rows (one per image) summed over the
+        attenuated layers that have counts, and the number of (layer, head) checks per call they sum;
+        (None, 0) before any."""
+        layers = [name for name in self.attenuated_layers if name in self._counts]
+        if not layers:
+            return None, 0
+        total = torch.stack([self._counts[name][:rows] for name in layers]).sum(dim=0)
+        return total, sum(self.heads[name] for name in layers)
 
     def attention_mass(self) -> dict[str, torch.Tensor]:
         """Per attenuated layer that ran with ``mass_rows`` set: (rows, num_tokens) float32 device tensor."""
@@ -485,32 +501,12 @@ class GuardCrossAttnProcessor:
                 f"{self.name}: fixed_spikes has shape {tuple(fixed.shape)}, expected (spike rows, num_tokens)="
                 f"({stop - start}, {num_keys})"
             )
-        factor = torch.ones(fixed.shape, dtype=torch.float32, device=query.device)
-        factor.masked_fill_(fixed, session.config.spike_scale)
         if session.collect_stats:  # what acted: the fixed tokens, in every head
             session._record(self.name, fixed.unsqueeze(1).expand(-1, heads, -1), batch, slice(start, stop))
         if torch_path and session.token_scale is None and token_bias is None:
-            out = torch.empty_like(query)
-            rows = slice(start, stop)
-            out[rows] = cross_attention(
-                query[rows], key[rows], value[rows], scale=attn.scale, token_scale=factor, backend=session.backend
-            )
-            mass = None if session.mass_rows is None else range(*session.mass_rows.indices(batch))
-            for plain in (slice(0, start), slice(stop, batch)):
-                if plain.stop <= plain.start:
-                    continue
-                if mass is not None and plain.start <= mass.start and mass.stop <= plain.stop:  # the detector's rows
-                    out[plain], stats = self._kernel(
-                        session, attn, query[plain], key[plain], value[plain], None, None, stats=True
-                    )
-                    session._record_mass(self.name, stats.mass[mass.start - plain.start : mass.stop - plain.start],
-                                         query.shape[1])  # fmt: skip
-                else:
-                    q, k, v = (t[plain].transpose(1, 2) for t in (query, key, value))
-                    out[plain] = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
-            return out
-        ones = factor.new_ones
-        scale = torch.cat([ones(start, num_keys), factor, ones(batch - stop, num_keys)])
+            return self._split_rows(session, attn, query, key, value, spike_rows)
+        ones = session.fixed_factor.new_ones
+        scale = torch.cat([ones(start, num_keys), session.fixed_factor, ones(batch - stop, num_keys)])
         if session.token_scale is not None:
             scale = scale * session.token_scale.float()
         result = cross_attention(
@@ -526,12 +522,18 @@ class GuardCrossAttnProcessor:
     def _split_rows(self, session, attn, query, key, value, spike_rows: slice) -> torch.Tensor:
         """The PyTorch path with the spike rows a contiguous slice: those rows through the kernel's
         materialising path, every other row through SDPA (the cost of plain attention), and
-        statistics only where they are used."""
+        statistics only where they are used. With fixed spike tokens the spike rows take their factors
+        instead of the rule (``_fixed`` has recorded them)."""
         batch = query.shape[0]
         start, stop, _ = spike_rows.indices(batch)
         out = torch.empty_like(query)
-        if stop > start:
-            rows = slice(start, stop)
+        rows = slice(start, stop)
+        if stop > start and session.fixed_factor is not None:
+            out[rows] = cross_attention(
+                query[rows], key[rows], value[rows], scale=attn.scale, token_scale=session.fixed_factor,
+                backend=session.backend,
+            )  # fmt: skip
+        elif stop > start:
             every = torch.ones(stop - start, dtype=torch.bool, device=query.device)
             result = self._kernel(
                 session, attn, query[rows], key[rows], value[rows], every, None, stats=session.collect_stats

@@ -232,13 +232,11 @@ class GuardDenoiser:
             masses = session.attention_mass()
             if masses:
                 entropy = torch.stack([attention_entropy(mass) for mass in masses.values()]).mean(dim=0)
-            counts = session.spike_counts()
-            layers = [name for name in session.attenuated_layers if name in counts]
-            if layers:  # the counts so far, per image; this call's are the increase since the last one
-                total = torch.stack([counts[name][: self.images] for name in layers]).sum(dim=0)
+            total, checks = session.image_flags(self.images)
+            if total is not None:  # the counts so far, per image; this call's are the increase since the last one
                 this_call = total if self._counted is None else total - self._counted
                 self._counted = total
-                share = spike_share(this_call, sum(session.heads[name] for name in layers))
+                share = spike_share(this_call, checks)
         self.scores.add(
             wen=wen_score(eps_u, eps_neg),
             cosine=guidance_cosine(eps_u, eps_pos, eps_neg),
@@ -252,11 +250,9 @@ class GuardDenoiser:
         session, n = self.session, self.images
         if session is None or session.spike_rows is None:
             return
-        counts = session.spike_counts()
-        layers = [counts[name][:n] for name in session.attenuated_layers if name in counts]
-        if not layers:
+        total = session.image_flags(n)[0]  # (images, tokens)
+        if total is None:
             return
-        total = torch.stack(layers).sum(dim=0)  # (images, tokens)
         fixed = (total > 0) & (2 * total >= total.amax(dim=1, keepdim=True))
         fixed[:, 0] = False  # BOS is never a spike
         session.fixed_spikes = fixed if self.flagged is None else fixed.index_select(0, self.flagged)
