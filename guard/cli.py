@@ -55,13 +55,18 @@ def _finite_float(text: str) -> float:
 
 
 def _gate_value(text: str):
-    """A cosine in [-1, 1], or "off" to switch off a setting's memorization gate."""
+    """A gate threshold (its range is the detector's, checked by GuardConfig), or "off"."""
     if text.strip().lower() in ("off", "none"):
         return "off"
-    value = _finite_float(text)
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a cosine in [-1, 1] or 'off', got {text!r}")
-    return value
+    return _finite_float(text)
+
+
+def _gate_weights(text: str) -> tuple[float, float, float]:
+    """Three comma-separated numbers: the linear gate's weights of (wen, cosine, entropy)."""
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers (wen,cosine,entropy), got {text!r}")
+    return tuple(_finite_float(part) for part in parts)
 
 
 def _blocks(text: str) -> tuple[str, ...]:
@@ -188,14 +193,39 @@ def _guard_config(args, is_testbed: bool):
         "spike_threshold": args.spike_threshold,
         "spike_scale": args.spike_scale,
         "spike_tokens": args.spike_tokens,
-        "gate_threshold": args.gate_threshold,
         "blocks": args.blocks,
     }
-    overrides = {key: (None if value == "off" else value) for key, value in overrides.items() if value is not None}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    overrides.update(_gate_overrides(args, config))
     try:
         return config.replace(**overrides)
     except (TypeError, ValueError) as error:
         raise CLIError(str(error)) from error
+
+
+def _gate_overrides(args, config) -> dict:
+    """The gate options as GuardConfig fields. "off" switches the whole gate off; another detector
+    needs its own threshold (each score has its own scale) and, for "linear", weights."""
+    if args.gate_threshold == "off":
+        if args.gate_detector is not None or args.gate_weights is not None or args.gate_steps is not None:
+            raise CLIError("--gate-threshold off switches the gate off: drop the other --gate-* options")
+        return {"gate_threshold": None, "gate_detector": "cosine", "gate_steps": 1, "gate_weights": None}
+    fields = {
+        "gate_threshold": args.gate_threshold,
+        "gate_detector": args.gate_detector,
+        "gate_weights": args.gate_weights,
+        "gate_steps": args.gate_steps,
+    }
+    fields = {key: value for key, value in fields.items() if value is not None}
+    detector = fields.get("gate_detector", config.gate_detector)
+    if fields and "gate_threshold" not in fields:
+        if config.gate_threshold is None:
+            raise CLIError("this setting has no gate: give --gate-threshold to switch one on")
+        if detector != config.gate_detector:
+            raise CLIError(f"--gate-detector {detector}: give its --gate-threshold (each score has its own scale)")
+    if detector != "linear":
+        fields.setdefault("gate_weights", None)
+    return fields
 
 
 def cmd_generate(args) -> int:
@@ -241,7 +271,7 @@ def cmd_demo(args) -> int:
 
 def _add_setting_options(parser: argparse.ArgumentParser) -> None:
     """Overrides of single GuardConfig fields (default: the method's preset or the testbed's setting)."""
-    from .config import SPIKE_TOKENS
+    from .config import GATE_DETECTORS, SPIKE_TOKENS
 
     parser.add_argument("--guidance-scale", type=_finite_float, default=None)
     parser.add_argument("--repulsion-scale", type=_finite_float, default=None)
@@ -257,7 +287,25 @@ def _add_setting_options(parser: argparse.ArgumentParser) -> None:
         "--gate-threshold",
         type=_gate_value,
         default=None,
-        help="the memorization gate's cosine threshold, or 'off' (GuardConfig.gate_threshold)",
+        help="the memorization gate's threshold on its detector's score, or 'off' (GuardConfig.gate_threshold)",
+    )
+    parser.add_argument(
+        "--gate-detector",
+        choices=GATE_DETECTORS,
+        default=None,
+        help="the score the gate decides on (GuardConfig.gate_detector; see guard.detection)",
+    )
+    parser.add_argument(
+        "--gate-weights",
+        type=_gate_weights,
+        default=None,
+        help="the linear gate's weights of (wen, cosine, entropy), e.g. 0,-8.2,-7.7",
+    )
+    parser.add_argument(
+        "--gate-steps",
+        type=_positive_int,
+        default=None,
+        help="UNet calls the gate decides after (GuardConfig.gate_steps)",
     )
     parser.add_argument(
         "--blocks",

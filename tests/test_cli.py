@@ -99,6 +99,11 @@ def test_demo_takes_setting_overrides(tmp_path, capsys):
         (["demo", "--device", "meta"], "--device meta"),
         (["generate", "x", "--blocks", "down_blocks.7"], "'down_blocks.7' matches no cross-attention"),
         (["generate", "x", "--blocks", "mid_block,mid_block"], "duplicates"),
+        (["generate", "x", "--gate-threshold", "1.5", "--gate-detector", "cosine"], "must be in [-1, 1]"),
+        (["generate", "x", "--gate-detector", "wen"], "--gate-detector wen: give its --gate-threshold"),
+        (["generate", "x", "--gate-threshold", "2", "--gate-detector", "linear"], "gate_weights (wen, cosine"),
+        (["generate", "x", "--gate-threshold", "off", "--gate-steps", "2"], "switches the gate off"),
+        (["generate", "x", "--method", "attenuation", "--gate-steps", "2"], "has no gate"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(argv, message, capsys):
@@ -152,8 +157,10 @@ def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path, capsys):
         ["generate", "x", "--images", "two"],
         ["generate", "x", "--guidance-scale", "nan"],
         ["demo", "--seeds", "-1"],
-        ["generate", "x", "--gate-threshold", "1.5"],
         ["generate", "x", "--gate-threshold", "maybe"],
+        ["generate", "x", "--gate-detector", "nope"],
+        ["generate", "x", "--gate-weights", "1,2"],
+        ["generate", "x", "--gate-steps", "0"],
     ],
 )
 def test_bad_options_are_rejected_by_the_parser(argv, capsys):
@@ -190,7 +197,33 @@ def test_every_method_runs_at_the_testbed_guidance_scale_and_the_gate_can_be_set
     gated = _guard_config(parser.parse_args(["generate", "x", "--gate-threshold", "0.8"]), is_testbed=True)
     assert gated.gate_threshold == 0.8
     off = _guard_config(parser.parse_args(["generate", "x", "--gate-threshold", "off"]), is_testbed=True)
-    assert off.gate_threshold is None and off.replace(gate_threshold=shipped.gate_threshold) == shipped
+    assert off.gate_threshold is None and off.gate_detector == "cosine" and off.gate_weights is None
+    assert off.replace(**{k: getattr(shipped, k) for k in GATE_FIELDS}) == shipped
+
+
+GATE_FIELDS = ("gate_threshold", "gate_detector", "gate_steps", "gate_weights")
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        (["--gate-detector", "spike_share", "--gate-threshold", "0.6"], ("spike_share", 0.6, 1, None)),
+        (["--gate-detector", "wen", "--gate-threshold", "3", "--gate-steps", "2"], ("wen", 3.0, 2, None)),
+        (
+            ["--gate-detector", "linear", "--gate-threshold", "-26.5", "--gate-weights", "0,-8.2,-7.7"],
+            ("linear", -26.5, 1, (0.0, -8.2, -7.7)),
+        ),
+    ],
+)
+def test_the_gate_options_choose_the_detector_its_threshold_weights_and_steps(options, expected):
+    config = _guard_config(build_parser().parse_args(["generate", "x", *options]), is_testbed=True)
+    assert (config.gate_detector, config.gate_threshold, config.gate_steps, config.gate_weights) == expected
+    # From a linear gate back to the cosine: the weights go with the linear detector.
+    back = _guard_config(
+        build_parser().parse_args(["generate", "x", "--gate-detector", "cosine", "--gate-threshold", "0.9"]),
+        is_testbed=True,
+    )
+    assert back.gate_weights is None and back.gate_detector == "cosine"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from guard.testbed.defaults import testbed_guard_config
 from guard.testbed.detection_study import bootstrap, main, roc_auc, tpr_at_fpr
 
 
@@ -89,9 +90,35 @@ def test_the_gate_sweep_composes_gated_runs_from_cfg_and_ungated_guard(monkeypat
     sweep = text.split("### Sweep")[1].split("### Confirmation")[0]
     names = [line.split(" | ")[0][2:] for line in sweep.splitlines() if line.startswith("| ") and "---" not in line]
     assert names[:3] == ["setting", "CFG", "shipped default (before)"]
-    for base in ("alpha=0.45, r=1", "alpha=0.3, r=1", "alpha=0.45, r=0.5", "alpha=0.45, r=1, first-step tokens"):
-        assert f"GUARD without the gate, {base}" in names
+    bases = ["alpha=0.45, r=1", "alpha=0.3, r=1", "alpha=0.45, r=0.5", "alpha=0.45, r=0"]
+    bases += ["alpha=0.45, r=1, first-step tokens", "alpha=0.45, r=0, first-step tokens"]
+    for base in bases:
+        assert f"GUARD without the gate, {base}" in names and f"shipped gate on {base}" in names
         for gate in ("cosine", "spike share", "linear"):
             assert all(f"{gate} {rate} on {base}" in names for rate in ("2%", "5%", "10%"))
+    assert len(names) == 3 + len(bases) * (1 + 9 + 1)
+    # The shipped gate on the shipped setting's base is the shipped setting: its composite row equals the real run.
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in sweep.splitlines() if line.startswith("| ")}
+    shipped = testbed_guard_config(None)
+    label = f"alpha={shipped.spike_scale:g}, r={shipped.repulsion_scale:g}"
+    label += ", first-step tokens" if shipped.spike_tokens == "first-step" else ""
+    assert rows[f"shipped gate on {label}"] == rows["shipped default (before)"]
+    assert "seeds [6000], which no earlier choice or study used" in text
     record = json.loads((tmp_path / "testbed_detection.json").read_text())
     assert {row["score"] for row in record["detection"]} == {"cosine", "wen", "entropy", "spike_share"}
+
+
+def test_the_rule_needs_alignment_protection_and_where_asked_the_plain_floor():
+    from guard.config import GuardConfig
+    from guard.testbed.detection_study import GateResult, eligible
+
+    def result(aligned, plain, copies):
+        return GateResult("x", GuardConfig(), 0.2, copies, {}, aligned, {}, plain, 0.0, 0.0)
+
+    cfg = result(aligned=0.62, plain=0.93, copies=0.72)
+    ungated_r0 = result(aligned=0.59, plain=0.80, copies=0.17)  # the confirmation's third setting
+    assert eligible(ungated_r0, cfg, floor=False) and not eligible(ungated_r0, cfg)
+    assert not eligible(result(aligned=0.51, plain=0.91, copies=0.21), cfg, floor=False)  # 53% asked needed
+    assert not eligible(result(aligned=0.62, plain=0.93, copies=0.40), cfg, floor=False)  # copies not halved
+    assert not eligible(result(aligned=0.62, plain=0.78, copies=0.17), cfg, floor=False)  # plain > 15% below CFG
+    assert eligible(result(aligned=0.62, plain=0.95, copies=0.17), cfg)

@@ -14,8 +14,9 @@ the plain prompts and for the samples that copy against those that do not.
 ``--gate-sweep`` then chooses the testbed's GUARD setting with the gate the paper's way, on the
 variants as well as the exact captions: the lowest mean SSIM to the related memorized image
 among settings whose alignment to the asked caption stays within 15% of CFG's and whose plain
-prompts stay >= 95% aligned (and within 15% of CFG), measured on sweep seeds and re-measured on
-fresh seeds before the choice; ``--write-default`` records it with the shipped weights.
+prompts stay within 15% of CFG's and whose copies are at most half CFG's, measured on sweep seeds;
+the best three are re-measured on fresh seeds, where the choice also needs plain prompts >= 95%
+aligned; ``--write-default`` records it with the shipped weights.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import LINEAR_DETECTORS, GuardConfig
-from ..detection import DETECTORS, MEMORIZED_IF_HIGH, detect
+from ..detection import DETECTORS, MEMORIZED_IF_HIGH, detect, gate_rule
 from .variants import KINDS, Variant, memorized_variants, plain_variants
 
 #: False-positive rate at which the true-positive rate is read (the detection literature's 1%).
@@ -174,6 +175,10 @@ PLAIN_ALIGNED = 0.95  # and plain prompts stay at least this aligned
 #: A gate that clears nearly everything meets the alignment rule by being CFG; the issue's bar is that
 #: copies fall as they do for exact captions, so a chosen setting must at least halve CFG's copies.
 PROTECTED_COPIES = 0.5
+#: GUARD settings (alpha, r) at tau = 4 the gates are tried on (r = 0: attenuation without repulsion).
+BASES = ((0.45, 1.0), (0.3, 1.0), (0.45, 0.5), (0.45, 0.0))
+#: The confirmation's first seed: seeds 3000-3002 confirmed the previous study's candidates.
+CONFIRM_SEED = 6000
 
 
 @dataclass
@@ -259,11 +264,13 @@ def _mean(values) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def eligible(result: GateResult, cfg: GateResult) -> bool:
-    """The paper's alignment rule, the plain-prompt floor, and protection (copies at most half CFG's)."""
+def eligible(result: GateResult, cfg: GateResult, floor: bool = True) -> bool:
+    """The paper's alignment rule, protection (copies at most half CFG's) and, with ``floor``, the
+    plain-prompt floor."""
     limit = 1.0 - ALIGNMENT_TOLERANCE
     return (result.aligned >= limit * cfg.aligned and result.plain_aligned >= limit * cfg.plain_aligned
-            and result.plain_aligned >= PLAIN_ALIGNED and result.copies <= PROTECTED_COPIES * cfg.copies)  # fmt: skip
+            and (not floor or result.plain_aligned >= PLAIN_ALIGNED)
+            and result.copies <= PROTECTED_COPIES * cfg.copies)  # fmt: skip
 
 
 def linear_weights(study: Sampled, k: int) -> tuple[tuple[float, float, float], dict]:
@@ -347,12 +354,16 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
     sweep_variants = memorized + plain[::2]  # every other plain prompt keeps the sweep affordable
     prompts = [v.prompt for v in sweep_variants]
     sweep_seeds = list(range(2000, 2000 + args.sweep_seeds))
-    confirm_seeds = list(range(3000, 3000 + args.confirm_seeds))
+    confirm_seeds = list(range(CONFIRM_SEED, CONFIRM_SEED + args.confirm_seeds))
     shipped_base = config.replace(gate_threshold=None, gate_detector="cosine", gate_steps=1, gate_weights=None)
     bases = [(f"alpha={alpha:g}, r={r:g}", shipped_base.replace(spike_threshold=4.0, spike_scale=alpha,
                                                                  repulsion_scale=r))
-             for alpha, r in ((0.45, 1.0), (0.3, 1.0), (0.45, 0.5))]  # fmt: skip
-    bases.append(("alpha=0.45, r=1, first-step tokens", bases[0][1].replace(spike_tokens="first-step")))
+             for alpha, r in BASES]  # fmt: skip
+    bases += [(f"{label}, first-step tokens", base.replace(spike_tokens="first-step"))
+              for label, base in bases if base.spike_scale == 0.45 and base.repulsion_scale in (0.0, 1.0)]  # fmt: skip
+    shipped_gate = {}
+    if config.gate_threshold is not None and config.gate_steps == args.gate_steps:  # its composite reads these scores
+        shipped_gate = {name: getattr(config, name) for name in ("gate_threshold", "gate_detector", "gate_weights")}
     cfg_config = GuardConfig(method="cfg", guidance_scale=s)
 
     def show(result):
@@ -383,7 +394,10 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         runs[base] = ungated, {name: report.detection.get(name) for name in DETECTORS}
         none = np.zeros(ungated.copies.shape)
         sweep.append(show(summarize(f"GUARD without the gate, {label}", base, sweep_variants, ungated, none)))
-        for name, gate in gate_candidates(study, base, args.gate_steps):
+        candidates = gate_candidates(study, base, args.gate_steps)
+        if shipped_gate:
+            candidates.append(("shipped gate", base.replace(gate_steps=args.gate_steps, **shipped_gate)))
+        for name, gate in candidates:
             outcomes, cleared = composite(gate, *runs[base])
             sweep.append(show(summarize(f"{name} on {label}", gate, sweep_variants, outcomes, cleared)))
     # The shortcut checked once per study: the shipped setting's real gated run against its composite.
@@ -392,22 +406,27 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         shipped_composite = composite(config, *runs[shipped_base])[0]
         same_alignment = (shipped_composite.aligned == shipped_outcomes.aligned) | np.isnan(shipped_outcomes.aligned)
         agreement = float(np.mean((shipped_composite.copies == shipped_outcomes.copies) & same_alignment))
-    ranked = sorted((r for r in sweep if eligible(r, cfg)), key=lambda r: r.own_ssim)[:3]
+    # The floor is applied where the choice is made: on the sweep seeds CFG's own plain prompts may sit a
+    # sample above it, which would demand that a gate flag no plain sample at all.
+    ranked = sorted((r for r in sweep if eligible(r, cfg, floor=False)), key=lambda r: r.own_ssim)[:3]
     confirm_cfg, _ = measure("CFG (confirmation seeds)", cfg_config, confirm_seeds)
     confirmed = [measure(f"confirm {r.name}", r.config, confirm_seeds)[0] for r in ranked]
     shipped_confirm, _ = measure("shipped default (before), confirmation seeds", config, confirm_seeds)
     chosen = min((r for r in confirmed if eligible(r, confirm_cfg)), key=lambda r: r.own_ssim, default=None)
     weights, spread = linear_weights(study, args.gate_steps)
+    base_list = ", ".join(f"({alpha:g}, {r:g})" for alpha, r in BASES)
     lines = [
         "",
         "## The gate, chosen on the variants",
         "",
-        f"Candidates: GUARD at tau = 4 and s = {s:g} with (alpha, r) in {{(0.45, 1), (0.3, 1), (0.45, 0.5)}} and with "
-        f"(0.45, 1) and first-step spike tokens, each "
+        f"Candidates: GUARD at tau = 4 and s = {s:g} with (alpha, r) in {{{base_list}}}"
+        " and with (0.45, 1) and (0.45, 0) and first-step spike tokens, each "
         f"with a cosine, a spike-share or a linear gate deciding after {args.gate_steps} step(s), thresholds set to "
-        f"flag 2%, 5% or 10% of the plain prompts' samples in the detection study above. The sweep's gated rows are "
-        f"composites: each cleared sample is CFG's of the same seed, each flagged one the ungated GUARD's (what a "
-        f"gated run draws, to float tolerance; "
+        f"flag 2%, 5% or 10% of the plain prompts' samples in the detection study above"
+        + (f", and with the shipped gate ({gate_rule(config)})" if shipped_gate else "")
+        + ". The sweep's gated rows are "
+        "composites: each cleared sample is CFG's of the same seed, each flagged one the ungated GUARD's (what a "
+        "gated run draws, to float tolerance; "
         + (
             ""
             if agreement is None
@@ -422,9 +441,10 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's and whose plain prompts stay >= {100 * PLAIN_ALIGNED:.0f}% aligned "
         f"(and within {100 * ALIGNMENT_TOLERANCE:.0f}% of CFG) and whose copies are at most "
         f"{100 * PROTECTED_COPIES:.0f}% of CFG's (a gate that clears nearly everything passes the alignment rule by "
-        f"being CFG); the best three re-measured on fresh seeds, where the "
-        f"choice is made. Sweep: {len(sweep_variants)} prompts x seeds {sweep_seeds}; confirmation: seeds "
-        f"{confirm_seeds}.",
+        f"being CFG). The sweep ranks the settings that meet the rest of the rule; the best three are re-measured on "
+        f"fresh seeds, where the choice is made with the {100 * PLAIN_ALIGNED:.0f}% floor too (on the sweep seeds "
+        f"CFG's own plain prompts are {100 * cfg.plain_aligned:.1f}% aligned). Sweep: {len(sweep_variants)} prompts "
+        f"x seeds {sweep_seeds}; confirmation: seeds {confirm_seeds}, which no earlier choice or study used.",
         "",
         "### Sweep",
         "",
