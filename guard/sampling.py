@@ -82,6 +82,12 @@ class GuardDenoiser:
         self.images = images
         self.session = session
         gate_steps = config.gate_steps if config.gate_threshold is not None else 1
+        if config.gate_threshold is not None and detection_steps > gate_steps:
+            # The gate decides when the scores are complete; scoring further would move its decision.
+            raise ValueError(
+                f"detection_steps={detection_steps} exceeds the gate's gate_steps={gate_steps}: the gate decides on "
+                f"the first gate_steps UNet calls; score at most that many (or raise GuardConfig.gate_steps)"
+            )
         self.detection_steps = max(detection_steps, gate_steps)
         self.fix_after = gate_steps  # spike_tokens="first-step": the UNet calls before the tokens are fixed
         self.cleared: Optional[torch.Tensor] = None  # (images,) bool once the gate has decided

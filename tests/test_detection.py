@@ -238,3 +238,11 @@ def test_gate_settings_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GuardConfig(**kwargs)
     assert GuardConfig(gate_threshold=40.0, gate_detector="wen", gate_steps=3).gate_steps == 3
+
+
+def test_scoring_past_the_gates_decision_is_refused(pipe):
+    """The gate decides on its first gate_steps calls; more detection steps used to move the decision."""
+    with pytest.raises(ValueError, match="exceeds the gate's gate_steps=1"):
+        run(pipe, GuardConfig(gate_threshold=0.9), images=1, num_inference_steps=3, detection_steps=2)
+    two = GuardConfig(gate_threshold=0.9, gate_steps=2)
+    assert run(pipe, two, images=1, num_inference_steps=3, detection_steps=2).report.cleared is not None

@@ -373,7 +373,9 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         return result
 
     def sample(setting, seeds):
-        images, report = sample_images(pipe, prompts, setting, seeds, args.steps, detection_steps=args.gate_steps)
+        # A gated setting scores the steps its gate decides on (more would move the decision).
+        steps = args.gate_steps if setting.gate_threshold is None else setting.gate_steps
+        images, report = sample_images(pipe, prompts, setting, seeds, args.steps, detection_steps=steps)
         return sample_outcomes(images, sweep_variants, items, threshold), report
 
     def measure(name, setting, seeds):
