@@ -177,6 +177,8 @@ PLAIN_ALIGNED = 0.95  # and plain prompts stay at least this aligned
 PROTECTED_COPIES = 0.5
 #: GUARD settings (alpha, r) at tau = 4 the gates are tried on (r = 0: attenuation without repulsion).
 BASES = ((0.45, 1.0), (0.3, 1.0), (0.45, 0.5), (0.45, 0.0))
+#: Of those, the ones also tried with first-step spike tokens.
+FIRST_STEP_BASES = ((0.45, 1.0), (0.45, 0.0))
 #: The confirmation's first seed: seeds 3000-3002 confirmed the previous study's candidates.
 CONFIRM_SEED = 6000
 
@@ -360,7 +362,7 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
                                                                  repulsion_scale=r))
              for alpha, r in BASES]  # fmt: skip
     bases += [(f"{label}, first-step tokens", base.replace(spike_tokens="first-step"))
-              for label, base in bases if base.spike_scale == 0.45 and base.repulsion_scale in (0.0, 1.0)]  # fmt: skip
+              for label, base in bases if (base.spike_scale, base.repulsion_scale) in FIRST_STEP_BASES]  # fmt: skip
     shipped_gate = {}
     if config.gate_threshold is not None and config.gate_steps == args.gate_steps:  # its composite reads these scores
         shipped_gate = {name: getattr(config, name) for name in ("gate_threshold", "gate_detector", "gate_weights")}
@@ -417,12 +419,13 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
     chosen = min((r for r in confirmed if eligible(r, confirm_cfg)), key=lambda r: r.own_ssim, default=None)
     weights, spread = linear_weights(study, args.gate_steps)
     base_list = ", ".join(f"({alpha:g}, {r:g})" for alpha, r in BASES)
+    first_step_list = " and ".join(f"({alpha:g}, {r:g})" for alpha, r in FIRST_STEP_BASES)
     lines = [
         "",
         "## The gate, chosen on the variants",
         "",
         f"Candidates: GUARD at tau = 4 and s = {s:g} with (alpha, r) in {{{base_list}}}"
-        " and with (0.45, 1) and (0.45, 0) and first-step spike tokens, each "
+        f" and with {first_step_list} and first-step spike tokens, each "
         f"with a cosine, a spike-share or a linear gate deciding after {args.gate_steps} step(s), thresholds set to "
         f"flag 2%, 5% or 10% of the plain prompts' samples in the detection study above"
         + (f", and with the shipped gate ({gate_rule(config)})" if shipped_gate else "")
