@@ -75,6 +75,8 @@ def test_demo_takes_setting_overrides(tmp_path, capsys):
         "0.4",
         "--repulsion-scale",
         "0.25",
+        "--gate-detector",
+        "cosine",
         "--gate-threshold",
         "0.9",
         "--spike-tokens",
@@ -101,7 +103,14 @@ def test_demo_takes_setting_overrides(tmp_path, capsys):
         (["generate", "x", "--blocks", "mid_block,mid_block"], "duplicates"),
         (["generate", "x", "--gate-threshold", "1.5", "--gate-detector", "cosine"], "must be in [-1, 1]"),
         (["generate", "x", "--gate-detector", "wen"], "--gate-detector wen: give its --gate-threshold"),
-        (["generate", "x", "--gate-threshold", "2", "--gate-detector", "linear"], "gate_weights (wen, cosine"),
+        (
+            ["generate", "x", "--gate-threshold", "0.9", "--gate-detector", "cosine", "--gate-weights", "1,0,0"],
+            "gate_weights (wen, cosine",
+        ),  # fmt: skip
+        (
+            ["generate", "x", "--gate-threshold", "2", "--gate-detector", "linear", "--gate-weights", "0,0,0"],
+            "must not all be 0",
+        ),  # fmt: skip
         (["generate", "x", "--gate-threshold", "off", "--gate-steps", "2"], "switches the gate off"),
         (["generate", "x", "--method", "attenuation", "--gate-steps", "2"], "has no gate"),
     ],

@@ -6,8 +6,9 @@ import shutil
 import pytest
 
 from guard.config import GuardConfig
+from guard.testbed import defaults
 from guard.testbed.assets import WEIGHTS_DIR
-from guard.testbed.defaults import copy_threshold, default_guard_config, record_testbed_setting, testbed_guard_config
+from guard.testbed.defaults import copy_threshold, default_guard_config, record_testbed_setting
 
 
 def test_recording_a_setting_keeps_the_copy_threshold_and_round_trips_every_field(tmp_path):
@@ -23,6 +24,6 @@ def test_recording_a_setting_keeps_the_copy_threshold_and_round_trips_every_fiel
 
 
 def test_a_folder_without_a_record_gets_the_published_setting(tmp_path):
-    assert testbed_guard_config(tmp_path) == GuardConfig.preset("guard")
+    assert defaults.testbed_guard_config(tmp_path) == GuardConfig.preset("guard")
     with pytest.raises(FileNotFoundError, match="no shipped GUARD setting"):
         default_guard_config(tmp_path)

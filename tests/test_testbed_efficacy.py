@@ -114,3 +114,14 @@ def test_testbed_scorers_follow_the_runners_interface(testbed):
     fields = alignment_scorer()(PromptRecord(items[0].caption), [items[0].image])
     assert set(fields["alignment"]) == {"background_ok", "colour_ok", "shape_ok", "all_ok"}
     assert run_folder_name("GUARD (published) s=7.5") == "guard-published-s-7.5"
+
+
+def test_a_setting_label_names_the_gate_detector_and_the_spike_tokens():
+    from guard.config import GuardConfig
+    from guard.testbed.evaluate import _describe
+
+    base = GuardConfig(guidance_scale=2.0, spike_threshold=4.0, spike_scale=0.45, repulsion_scale=1.0)
+    assert _describe(base.replace(gate_threshold=0.95)) == "guard s=2 tau=4 alpha=0.45 r=1 gate=0.95"
+    linear = base.replace(spike_tokens="first-step", gate_detector="linear", gate_weights=(0.0, -8.2, -7.7),
+                          gate_threshold=-26.6133)  # fmt: skip
+    assert _describe(linear) == "guard s=2 tau=4 alpha=0.45 r=1 first-step tokens gate=linear@-26.61"

@@ -1,9 +1,10 @@
 """The testbed's shipped GUARD setting, stored as data beside the weights.
 
-The setting is chosen by ``python -m guard.testbed.evaluate --sweep --write-default`` (see
-docs/testbed_efficacy.md for the numbers and the reason) and written to
-``weights/guard_default.json``; the CLI and the demo read it through :func:`testbed_guard_config`,
-so changing the shipped default needs no code change.
+``python -m guard.testbed.evaluate --sweep --write-default`` measures the copy threshold and
+records a first setting chosen on the exact captions; ``python -m guard.testbed.detection_study
+--gate-sweep --write-default`` re-chooses the setting on their variants (docs/testbed_detection.md
+for the numbers and the reason). Both write ``weights/guard_default.json``; the CLI and the demo read
+it through :func:`testbed_guard_config`, so changing the shipped default needs no code change.
 """
 
 from __future__ import annotations

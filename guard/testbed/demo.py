@@ -174,7 +174,8 @@ def run_demo(
             f"{int(cleared[: len(items)].sum())} of {cleared[: len(items)].numel()} memorized-prompt samples, "
             f"{int(cleared[len(items) :].sum())} of {cleared[len(items) :].numel()} plain-prompt samples"
         )
-    print("(the published setting and a sweep on this model: docs/testbed_efficacy.md)")
+    print("(the published setting on this model: docs/testbed_efficacy.md; how the setting was chosen:"
+          " docs/testbed_detection.md)")  # fmt: skip
     print(
         f"copy = own-image SSIM > {threshold}, or another memorized image above it; {seeds} seeds, {steps} DDIM steps\n"
     )

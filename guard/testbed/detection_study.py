@@ -13,10 +13,11 @@ the plain prompts and for the samples that copy against those that do not.
 
 ``--gate-sweep`` then chooses the testbed's GUARD setting with the gate the paper's way, on the
 variants as well as the exact captions: the lowest mean SSIM to the related memorized image
-among settings whose alignment to the asked caption stays within 15% of CFG's and whose plain
-prompts stay within 15% of CFG's and whose copies are at most half CFG's, measured on sweep seeds;
-the best three are re-measured on fresh seeds, where the choice also needs plain prompts >= 95%
-aligned; ``--write-default`` records it with the shipped weights.
+among settings whose alignment to the asked caption stays within 15% of CFG's, whose plain
+prompts stay aligned (at least 95% of the plain samples CFG draws right, same prompt and seed, and
+within 15% of CFG's alignment) and whose copies are at most half CFG's, measured on sweep seeds;
+the best three are re-measured on fresh seeds, where the choice is made; ``--write-default``
+records it with the shipped weights.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from .variants import KINDS, Variant, memorized_variants, plain_variants
 
 #: False-positive rate at which the true-positive rate is read (the detection literature's 1%).
 FPR = 0.01
+#: The GUARD setting the detection scores come from and the surgical stage varies, whatever the testbed
+#: records, so that the study reproduces after the recorded setting changes (the testbed's before this study).
+STUDY_BASE = dict(spike_threshold=4.0, spike_scale=0.45, repulsion_scale=1.0, spike_tokens="per-check")
 
 
 def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -104,7 +108,7 @@ def sample_study(pipe, variants: list[Variant], items, threshold: float, seeds: 
     prompts = [v.prompt for v in variants]
     scores = {}
     for k in score_steps:
-        found = detect(pipe, prompts, steps=k, guard_config=config.replace(gate_threshold=None),
+        found = detect(pipe, prompts, steps=k, guard_config=config,
                        num_images_per_prompt=len(seeds), generator=_generators(len(prompts), seeds),
                        num_inference_steps=steps)  # fmt: skip
         scores[k] = {name: _memorized_up(name, found.get(name).numpy()) for name in DETECTORS}
@@ -171,16 +175,21 @@ def variant_table(study: Sampled) -> list[str]:
 # The gate, chosen on the variants
 
 ALIGNMENT_TOLERANCE = 0.15  # the paper's rule: alignment no worse than 15% below CFG's
-PLAIN_ALIGNED = 0.95  # and plain prompts stay at least this aligned
+#: And plain prompts stay aligned: of the plain samples CFG draws right, at least this share stays right
+#: (same prompt and seed). Paired with CFG because CFG itself misdraws some plain samples (93% aligned on
+#: the confirmation seeds), which no gate can be asked to fix.
+PLAIN_ALIGNED = 0.95
 #: A gate that clears nearly everything meets the alignment rule by being CFG; the issue's bar is that
 #: copies fall as they do for exact captions, so a chosen setting must at least halve CFG's copies.
 PROTECTED_COPIES = 0.5
 #: GUARD settings (alpha, r) at tau = 4 the gates are tried on (r = 0: attenuation without repulsion).
 BASES = ((0.45, 1.0), (0.3, 1.0), (0.45, 0.5), (0.45, 0.0))
 #: Of those, the ones also tried with first-step spike tokens.
-FIRST_STEP_BASES = ((0.45, 1.0), (0.45, 0.0))
-#: The confirmation's first seed: seeds 3000-3002 confirmed the previous study's candidates.
+FIRST_STEP_BASES = ((0.45, 1.0), (0.45, 0.5), (0.45, 0.0))
+#: The confirmation's first seed (seeds 3000-3002 confirmed an earlier study's candidates).
 CONFIRM_SEED = 6000
+#: Seeds of the held-out check of the recorded setting (``--holdout``): used by no choice and no other stage.
+HOLDOUT_SEED = 7000
 
 
 @dataclass
@@ -197,6 +206,7 @@ class GateResult:
     plain_aligned: float
     cleared_memorized: float  # share of memorized variants' samples the gate cleared
     cleared_plain: float
+    plain_kept: float = float("nan")  # of the plain samples CFG draws aligned (same seed), the share still aligned
 
 
 @dataclass
@@ -230,8 +240,9 @@ def sample_outcomes(images: np.ndarray, variants: list[Variant], items, threshol
 
 
 def summarize(name: str, config: GuardConfig, variants: list[Variant], outcomes: Outcomes,
-              cleared: np.ndarray) -> GateResult:  # fmt: skip
-    """A setting's GateResult from its per-sample outcomes and the gate's (prompts, seeds) decisions."""
+              cleared: np.ndarray, cfg: Outcomes | None = None) -> GateResult:  # fmt: skip
+    """A setting's GateResult from its per-sample outcomes and the gate's (prompts, seeds) decisions;
+    with ``cfg``, CFG's outcomes on the same prompts and seeds, also the plain samples it keeps aligned."""
     memorized = np.array([v.item is not None for v in variants])
     kinds = np.array([v.kind for v in variants])
     asked = memorized[:, None] & ~np.isnan(outcomes.aligned)
@@ -246,6 +257,7 @@ def summarize(name: str, config: GuardConfig, variants: list[Variant], outcomes:
         {k: v for k, v in by_kind(outcomes.aligned, asked).items() if not np.isnan(v)},
         _mean(outcomes.aligned[~memorized[:, None] & ~np.isnan(outcomes.aligned)]),
         _mean(cleared[memorized]), _mean(cleared[~memorized]),
+        float("nan") if cfg is None else _mean(outcomes.aligned[~memorized[:, None] & (cfg.aligned == 1)]),
     )  # fmt: skip
 
 
@@ -266,13 +278,11 @@ def _mean(values) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def eligible(result: GateResult, cfg: GateResult, floor: bool = True) -> bool:
-    """The paper's alignment rule, protection (copies at most half CFG's) and, with ``floor``, the
-    plain-prompt floor."""
+def eligible(result: GateResult, cfg: GateResult) -> bool:
+    """The paper's alignment rule, protection (copies at most half CFG's) and plain prompts kept aligned."""
     limit = 1.0 - ALIGNMENT_TOLERANCE
     return (result.aligned >= limit * cfg.aligned and result.plain_aligned >= limit * cfg.plain_aligned
-            and (not floor or result.plain_aligned >= PLAIN_ALIGNED)
-            and result.copies <= PROTECTED_COPIES * cfg.copies)  # fmt: skip
+            and result.plain_kept >= PLAIN_ALIGNED and result.copies <= PROTECTED_COPIES * cfg.copies)  # fmt: skip
 
 
 def linear_weights(study: Sampled, k: int) -> tuple[tuple[float, float, float], dict]:
@@ -284,6 +294,11 @@ def linear_weights(study: Sampled, k: int) -> tuple[tuple[float, float, float], 
     spread = {name: float(values[plain].std()) for name, values in raw.items()}
     weights = (0.0, -1.0 / spread["cosine"], -1.0 / spread["entropy"])
     return weights, spread
+
+
+def sweep_prompts(variants: list[Variant]) -> list[Variant]:
+    """The gate sweep's prompts: every memorized variant and every other plain prompt (affordable)."""
+    return [v for v in variants if v.item is not None] + [v for v in variants if v.item is None][::2]
 
 
 def gate_candidates(
@@ -315,19 +330,35 @@ def gate_candidates(
 def gate_table(results: list[GateResult]) -> list[str]:
     kinds = list(KINDS)
     lines = ["| setting | own SSIM | copies | copies per kind (" + " / ".join(kinds) + ") | aligned to the asked"
-             " caption | plain aligned | cleared: variants / plain |", "|---|---:|---:|---|---:|---:|---|"]  # fmt: skip
+             " caption | plain aligned | plain kept aligned | cleared: variants / plain |",
+             "|---|---:|---:|---|---:|---:|---:|---|"]  # fmt: skip
     for r in results:
         per_kind = " / ".join(f"{100 * r.copies_by_kind.get(k, float('nan')):.0f}" for k in kinds)
         cleared = f"{100 * r.cleared_memorized:.0f}% / {100 * r.cleared_plain:.0f}%"
         lines.append(f"| {r.name} | {r.own_ssim:.3f} | {100 * r.copies:.0f}% | {per_kind} | {100 * r.aligned:.0f}% |"
-                     f" {100 * r.plain_aligned:.0f}% | {cleared} |")  # fmt: skip
+                     f" {100 * r.plain_aligned:.0f}% | {100 * r.plain_kept:.1f}% | {cleared} |")  # fmt: skip
     return lines
+
+
+def flagged_plain(name: str, variants: list[Variant], outcomes: Outcomes, cleared: np.ndarray,
+                  cfg: Outcomes) -> list[str]:  # fmt: skip
+    """Table rows: each plain prompt with a sample the gate flagged, and how many of those samples CFG
+    and the setting draw aligned."""
+    rows = []
+    for p, variant in enumerate(variants):
+        flagged = ~cleared[p].astype(bool)
+        if variant.item is None and flagged.any():
+            by_cfg, by_setting = (int(np.nansum(o.aligned[p][flagged])) for o in (cfg, outcomes))
+            rows.append(f"| {name} | {variant.prompt} | {flagged.sum()} of {flagged.size} | {by_cfg} | {by_setting} |")
+    return rows
 
 
 def _describe(config: GuardConfig) -> str:
     if config.method != "guard":
         return f"{config.method} s={config.guidance_scale:g}"
     text = f"tau={config.spike_threshold:g} alpha={config.spike_scale:g} r={config.repulsion_scale:g}"
+    if config.spike_tokens == "first-step":
+        text += " first-step tokens"
     if config.gate_threshold is not None:
         text += f" gate={config.gate_detector}@{config.gate_threshold:.4g}"
         if config.gate_weights is not None:
@@ -351,15 +382,13 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
 
     threshold = copy_threshold(args.path)
     s = config.guidance_scale
-    memorized = [v for v in study.variants if v.item is not None]
-    plain = [v for v in study.variants if v.item is None]
-    sweep_variants = memorized + plain[::2]  # every other plain prompt keeps the sweep affordable
+    sweep_variants = sweep_prompts(study.variants)
     prompts = [v.prompt for v in sweep_variants]
     sweep_seeds = list(range(2000, 2000 + args.sweep_seeds))
     confirm_seeds = list(range(CONFIRM_SEED, CONFIRM_SEED + args.confirm_seeds))
     shipped_base = config.replace(gate_threshold=None, gate_detector="cosine", gate_steps=1, gate_weights=None)
     bases = [(f"alpha={alpha:g}, r={r:g}", shipped_base.replace(spike_threshold=4.0, spike_scale=alpha,
-                                                                 repulsion_scale=r))
+                                                                 repulsion_scale=r, spike_tokens="per-check"))
              for alpha, r in BASES]  # fmt: skip
     bases += [(f"{label}, first-step tokens", base.replace(spike_tokens="first-step"))
               for label, base in bases if (base.spike_scale, base.repulsion_scale) in FIRST_STEP_BASES]  # fmt: skip
@@ -380,13 +409,16 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         images, report = sample_images(pipe, prompts, setting, seeds, args.steps, detection_steps=steps)
         return sample_outcomes(images, sweep_variants, items, threshold), report
 
-    def measure(name, setting, seeds):
+    def measure(name, setting, seeds, cfg_outcomes=None):
+        """A setting's result against CFG's outcomes on the same seeds (None: this is CFG), its outcomes
+        and its gate's decisions."""
         outcomes, report = sample(setting, seeds)
         cleared = np.zeros(outcomes.copies.shape) if report.cleared is None else report.cleared.numpy()
-        return show(summarize(name, setting, sweep_variants, outcomes, cleared)), outcomes
+        reference = outcomes if cfg_outcomes is None else cfg_outcomes
+        return show(summarize(name, setting, sweep_variants, outcomes, cleared, reference)), outcomes, cleared
 
-    cfg, cfg_outcomes = measure("CFG", cfg_config, sweep_seeds)
-    shipped, shipped_outcomes = measure("shipped default (before)", config, sweep_seeds)
+    cfg, cfg_outcomes, _ = measure("CFG", cfg_config, sweep_seeds)
+    shipped, shipped_outcomes, _ = measure("shipped default (before)", config, sweep_seeds, cfg_outcomes)
 
     def composite(gate, ungated, scores):
         cleared = is_cleared(gate.gate_detector, gate_score(gate, scores), gate.gate_threshold).numpy()
@@ -397,25 +429,33 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         ungated, report = sample(base, sweep_seeds)
         runs[base] = ungated, {name: report.detection.get(name) for name in DETECTORS}
         none = np.zeros(ungated.copies.shape)
-        sweep.append(show(summarize(f"GUARD without the gate, {label}", base, sweep_variants, ungated, none)))
+        sweep.append(
+            show(summarize(f"GUARD without the gate, {label}", base, sweep_variants, ungated, none, cfg_outcomes))
+        )
         candidates = gate_candidates(study, base, args.gate_steps)
         if shipped_gate:
             candidates.append(("shipped gate", base.replace(gate_steps=args.gate_steps, **shipped_gate)))
         for name, gate in candidates:
             outcomes, cleared = composite(gate, *runs[base])
-            sweep.append(show(summarize(f"{name} on {label}", gate, sweep_variants, outcomes, cleared)))
+            sweep.append(show(summarize(f"{name} on {label}", gate, sweep_variants, outcomes, cleared, cfg_outcomes)))
     # The shortcut checked once per study: the shipped setting's real gated run against its composite.
     agreement = None
     if shipped_base in runs and config.gate_threshold is not None and config.gate_steps == args.gate_steps:
         shipped_composite = composite(config, *runs[shipped_base])[0]
         same_alignment = (shipped_composite.aligned == shipped_outcomes.aligned) | np.isnan(shipped_outcomes.aligned)
         agreement = float(np.mean((shipped_composite.copies == shipped_outcomes.copies) & same_alignment))
-    # The floor is applied where the choice is made: on the sweep seeds CFG's own plain prompts may sit a
-    # sample above it, which would demand that a gate flag no plain sample at all.
-    ranked = sorted((r for r in sweep if eligible(r, cfg, floor=False)), key=lambda r: r.own_ssim)[:3]
-    confirm_cfg, _ = measure("CFG (confirmation seeds)", cfg_config, confirm_seeds)
-    confirmed = [measure(f"confirm {r.name}", r.config, confirm_seeds)[0] for r in ranked]
-    shipped_confirm, _ = measure("shipped default (before), confirmation seeds", config, confirm_seeds)
+    ranked = sorted((r for r in sweep if eligible(r, cfg)), key=lambda r: r.own_ssim)[:3]
+    confirm_cfg, confirm_cfg_outcomes, _ = measure("CFG (confirmation seeds)", cfg_config, confirm_seeds)
+    confirmed, flagged = [], []
+    for r in ranked:
+        result, outcomes, cleared = measure(f"confirm {r.name}", r.config, confirm_seeds, confirm_cfg_outcomes)
+        confirmed.append(result)
+        if r.config.gate_threshold is not None:
+            flagged += flagged_plain(r.name, sweep_variants, outcomes, cleared, confirm_cfg_outcomes)
+    shipped_confirm, outcomes, cleared = measure("shipped default (before), confirmation seeds", config,
+                                                 confirm_seeds, confirm_cfg_outcomes)  # fmt: skip
+    if config.gate_threshold is not None:
+        flagged += flagged_plain("shipped default (before)", sweep_variants, outcomes, cleared, confirm_cfg_outcomes)
     chosen = min((r for r in confirmed if eligible(r, confirm_cfg)), key=lambda r: r.own_ssim, default=None)
     weights, spread = linear_weights(study, args.gate_steps)
     base_list = ", ".join(f"({alpha:g}, {r:g})" for alpha, r in BASES)
@@ -443,13 +483,17 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         f"(both are lower for memorized prompts on this model): weights (wen, cosine, entropy) = "
         f"({', '.join(f'{w:.4g}' for w in weights)}). Rule: the lowest mean SSIM of the memorized variants' samples to "
         f"their item's training image among settings whose alignment to the asked caption is within "
-        f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's and whose plain prompts stay >= {100 * PLAIN_ALIGNED:.0f}% aligned "
-        f"(and within {100 * ALIGNMENT_TOLERANCE:.0f}% of CFG) and whose copies are at most "
-        f"{100 * PROTECTED_COPIES:.0f}% of CFG's (a gate that clears nearly everything passes the alignment rule by "
-        f"being CFG). The sweep ranks the settings that meet the rest of the rule; the best three are re-measured on "
-        f"fresh seeds, where the choice is made with the {100 * PLAIN_ALIGNED:.0f}% floor too (on the sweep seeds "
-        f"CFG's own plain prompts are {100 * cfg.plain_aligned:.1f}% aligned). Sweep: {len(sweep_variants)} prompts "
-        f"x seeds {sweep_seeds}; confirmation: seeds {confirm_seeds}, which no earlier choice or study used.",
+        f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's, whose plain prompts stay aligned (plain kept aligned: of the "
+        f"plain samples CFG draws right, the share the setting still draws right on the same prompt and seed, at "
+        f"least {100 * PLAIN_ALIGNED:.0f}%; and plain alignment within {100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's) and "
+        f"whose copies are at most {100 * PROTECTED_COPIES:.0f}% of CFG's (a gate that clears nearly everything passes "
+        f"the alignment rule by being CFG). The floor is paired with CFG because CFG itself misdraws some plain "
+        f"samples (its plain prompts are {100 * cfg.plain_aligned:.1f}% aligned on the sweep seeds and "
+        f"{100 * confirm_cfg.plain_aligned:.1f}% on the confirmation seeds), and a gate can only keep or lose what "
+        f"CFG draws. The sweep ranks the settings that meet the rule; the best three are re-measured on other seeds, "
+        f"where the choice is made. Sweep: {len(sweep_variants)} prompts x seeds {sweep_seeds}; confirmation: seeds "
+        f"{confirm_seeds}, disjoint from the sweep's and the detection study's (`--holdout` re-measures the recorded "
+        f"setting on seeds from {HOLDOUT_SEED}, which no stage chooses on).",
         "",
         "### Sweep",
         "",
@@ -458,6 +502,19 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         "### Confirmation",
         "",
         *gate_table([confirm_cfg, shipped_confirm] + confirmed),
+        "",
+        "Plain prompts the confirmed gates flag (on the confirmation seeds), and how many of the flagged samples CFG "
+        "and the setting draw aligned: the plain alignment a gate loses is lost here.",
+        "",
+        *(
+            [
+                "| setting | plain prompt | flagged samples | aligned under CFG | aligned under the setting |",
+                "|---|---|---:|---:|---:|",
+                *flagged,
+            ]
+            if flagged
+            else ["None flagged."]
+        ),
         "",
         f"Chosen: {'none met the rule' if chosen is None else chosen.name + ' (' + _describe(chosen.config) + ')'}.",
     ]
@@ -468,11 +525,14 @@ def gate_sweep(pipe, study: Sampled, items, config: GuardConfig, args, record: d
         reason = (f"lowest mean SSIM to the related memorized image over the memorized captions and their variants "
                   f"(python -m guard.testbed.detection_study --gate-sweep) among settings within "
                   f"{100 * ALIGNMENT_TOLERANCE:.0f}% of CFG's alignment to the asked caption with plain prompts >= "
-                  f"{100 * PLAIN_ALIGNED:.0f}% aligned and copies at most {100 * PROTECTED_COPIES:.0f}% of CFG's, "
+                  f"{100 * PLAIN_ALIGNED:.0f}% of CFG's aligned samples kept and copies at most "
+                  f"{100 * PROTECTED_COPIES:.0f}% of CFG's, "
                   f"on seeds {confirm_seeds}: own SSIM {chosen.own_ssim:.3f} vs "
                   f"CFG {confirm_cfg.own_ssim:.3f}, copies {100 * chosen.copies:.0f}% vs "
                   f"{100 * confirm_cfg.copies:.0f}%, "
-                  f"plain aligned {100 * chosen.plain_aligned:.0f}%")  # fmt: skip
+                  f"plain aligned {100 * chosen.plain_aligned:.0f}% vs {100 * confirm_cfg.plain_aligned:.0f}% "
+                  f"({100 * chosen.plain_kept:.0f}% of CFG's kept), aligned to the asked caption "
+                  f"{100 * chosen.aligned:.0f}% vs {100 * confirm_cfg.aligned:.0f}%")  # fmt: skip
         record_testbed_setting(chosen.config, reason, args.path)
         lines.append(f"Recorded as the testbed's default ({reason}).")
     return lines
@@ -492,19 +552,20 @@ def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
     seeds = list(range(4000, 4000 + args.confirm_seeds + 1))
     threshold = copy_threshold(args.path)
     settings = [("CFG", GuardConfig(method="cfg", guidance_scale=config.guidance_scale))]
-    ungated = config.replace(gate_threshold=None, gate_detector="cosine", gate_steps=1, gate_weights=None)
+    ungated = config.replace(gate_threshold=None, gate_detector="cosine", gate_steps=1, gate_weights=None,
+                             **STUDY_BASE)  # fmt: skip
     for blocks, where in ((None, "default blocks"), (("down_blocks", "mid_block", "up_blocks"), "every layer")):
         for alpha in (0.45, 0.2, 0.05):
             settings.append((f"alpha={alpha:g}, {where}", ungated.replace(spike_scale=alpha, blocks=blocks)))
     # The repulsion pushes away from the plain prompt, which holds the asked caption as well as the trigger.
     for r in (0.0, 0.5, 2.0):
-        settings.append((f"alpha={config.spike_scale:g}, default blocks, r={r:g}", ungated.replace(repulsion_scale=r)))
+        settings.append((f"alpha={ungated.spike_scale:g}, default blocks, r={r:g}", ungated.replace(repulsion_scale=r)))
     # Which tokens: the rule also flags a caption's own words in a few checks; fixed first-step tokens do not.
-    for r in (config.repulsion_scale, 0.5):
-        settings.append((f"alpha={config.spike_scale:g}, default blocks, r={r:g}, first-step tokens",
+    for r in (ungated.repulsion_scale, 0.5):
+        settings.append((f"alpha={ungated.spike_scale:g}, default blocks, r={r:g}, first-step tokens",
                          ungated.replace(repulsion_scale=r, spike_tokens="first-step")))  # fmt: skip
     lines = ["", "## Surgical: the trigger attached to another caption", "",
-             f"GUARD without the gate at tau = {config.spike_threshold:g}, r = {config.repulsion_scale:g} (unless a "
+             f"GUARD without the gate at tau = {ungated.spike_threshold:g}, r = {ungated.repulsion_scale:g} (unless a "
              f"row names r), s = {config.guidance_scale:g}; {len(variants)} prompts x seeds {seeds}. 'Asked' is the "
              "caption the prompt names (another item's for the attached trigger).", "",
              "| setting | attached: aligned to the asked caption | attached: copies | exact: copies | exact: aligned |",
@@ -517,6 +578,70 @@ def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
                      f"{100 * result.aligned_by_kind[exact]:.0f}% |")  # fmt: skip
         print(lines[-1], flush=True)
     return lines + paired_token_comparison(pipe, items, ungated, variants, threshold, args)
+
+
+def prompt_interval(values: np.ndarray, where: np.ndarray, rounds: int = 2000) -> tuple[float, float, float]:
+    """The mean of ``values[where]`` over (prompts, seeds) and its 95% bootstrap interval, resampling
+    prompts (rows) with all their seeds: a prompt's samples are not independent of each other."""
+    rows = np.flatnonzero(where.any(axis=1))
+    if rows.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(rounds):
+        pick = rng.choice(rows, rows.size)
+        draws.append(values[pick][where[pick]].astype(np.float64).mean())
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return float(values[where].astype(np.float64).mean()), float(low), float(high)
+
+
+def holdout_study(pipe, items, config: GuardConfig, args) -> list[str]:
+    """The recorded setting against CFG on seeds no choice saw, on the gate sweep's prompts, with
+    intervals over prompts: what the choice's numbers are worth once the selection is out of them."""
+    from .assets import plain_prompts
+    from .defaults import copy_threshold
+    from .efficacy import sample_images
+
+    variants = sweep_prompts(memorized_variants(items) + plain_variants(plain_prompts()))
+    seeds = list(range(HOLDOUT_SEED, HOLDOUT_SEED + args.confirm_seeds))
+    threshold = copy_threshold(args.path)
+    settings = {"CFG": GuardConfig(method="cfg", guidance_scale=config.guidance_scale), "recorded setting": config}
+    runs = {}
+    for name, setting in settings.items():
+        images, report = sample_images(pipe, [v.prompt for v in variants], setting, seeds, args.steps,
+                                       detection_steps=config.gate_steps)  # fmt: skip
+        cleared = np.zeros((len(variants), len(seeds))) if report.cleared is None else report.cleared.numpy()
+        runs[name] = sample_outcomes(images, variants, items, threshold), cleared
+    cfg_outcomes = runs["CFG"][0]
+    memorized = np.array([v.item is not None for v in variants])[:, None] & np.ones((1, len(seeds)), dtype=bool)
+    kinds = np.array([v.kind for v in variants])[:, None]
+    measures = [("copies, all variants", "copies", memorized)]
+    measures += [(f"copies, {kind}", "copies", memorized & (kinds == kind)) for kind in KINDS]
+    measures += [
+        ("aligned to the asked caption", "aligned", memorized & ~np.isnan(cfg_outcomes.aligned)),
+        ("plain aligned", "aligned", ~memorized),
+        ("plain kept aligned (of CFG's aligned)", "aligned", ~memorized & (cfg_outcomes.aligned == 1)),
+    ]
+    lines = ["", "## Held out: the recorded setting on fresh seeds", "",
+             f"The testbed's recorded setting ({_describe(config)}; its gate: {gate_rule(config)}) against CFG on "
+             f"the gate sweep's {len(variants)} prompts x seeds {seeds}, which no choice or other stage used; 95% "
+             "bootstrap intervals resampling prompts.", "",
+             "| measure | CFG | recorded setting | samples |", "|---|---|---|---:|"]  # fmt: skip
+    for label, field, where in measures:
+        cells = [_percent(prompt_interval(getattr(runs[name][0], field), where)) for name in runs]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {int(where.sum())} |")
+    cfg, default = (summarize(name, settings[name], variants, *runs[name], cfg_outcomes) for name in settings)
+    verdict = "meets" if eligible(default, cfg) else "does not meet"
+    lines += ["", f"The recorded setting {verdict} the choice's rule on these seeds; its gate cleared "
+              f"{100 * default.cleared_memorized:.0f}% of the variants' samples and {100 * default.cleared_plain:.0f}% "
+              "of the plain ones."]  # fmt: skip
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def _percent(triple) -> str:
+    value, low, high = triple
+    return f"{100 * value:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
 
 
 #: Seeds of the surgical stage's paired check, used by no choice of setting.
@@ -580,6 +705,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead: only what GUARD draws for a trigger attached to another caption (DIR/testbed_surgical.md)",
     )
+    parser.add_argument(
+        "--holdout",
+        action="store_true",
+        help="instead: only the recorded setting against CFG on held-out seeds (DIR/testbed_holdout.md)",
+    )
     parser.add_argument("--sweep-seeds", type=int, default=2)
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument(
@@ -592,6 +722,8 @@ def main(argv=None) -> int:
         parser.error("--seeds, --steps, --sweep-seeds and --confirm-seeds must be >= 1")
     if args.write_default and not args.gate_sweep:
         parser.error("--write-default records the gate sweep's choice: add --gate-sweep")
+    if sum((args.gate_sweep, args.surgical, args.holdout)) > 1:
+        parser.error("--gate-sweep, --surgical and --holdout are separate stages: choose one")
     try:
         score_steps = sorted({int(k) for k in args.score_steps.split(",")})
     except ValueError:
@@ -618,16 +750,23 @@ def main(argv=None) -> int:
         (out / "testbed_surgical.md").write_text("\n".join(lines) + "\n")
         print(f"wrote {out / 'testbed_surgical.md'}")
         return 0
+    if args.holdout:
+        lines = ["# The recorded GUARD setting on held-out seeds (testbed)", *holdout_study(pipe, items, config, args)]
+        (out / "testbed_holdout.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {out / 'testbed_holdout.md'}")
+        return 0
     variants = memorized_variants(items) + plain_variants(plain_prompts())
     seeds = list(range(1000, 1000 + args.seeds))  # seeds no testbed setting was chosen on
-    study = sample_study(pipe, variants, items, copy_threshold(args.path), seeds, args.steps, score_steps, config)
+    scoring = config.replace(gate_threshold=None, gate_detector="cosine", gate_steps=1, gate_weights=None, **STUDY_BASE)
+    study = sample_study(pipe, variants, items, copy_threshold(args.path), seeds, args.steps, score_steps, scoring)
     rows = detection_rows(study)
     lines = [
         "# Memorization detection on the testbed",
         "",
         f"Written by `python -m guard.testbed.detection_study` ({len(variants)} prompts x {len(seeds)} seeds "
         f"(seeds {seeds[0]}-{seeds[-1]}, used by no choice of setting), {args.steps} DDIM steps, scores from the "
-        f"setting tau = {config.spike_threshold:g}, alpha = {config.spike_scale:g} at s = {config.guidance_scale:g};"
+        f"setting tau = {scoring.spike_threshold:g}, alpha = {scoring.spike_scale:g}, r = {scoring.repulsion_scale:g} "
+        f"at s = {scoring.guidance_scale:g};"
         f" {time.perf_counter() - started:.0f} s on {torch.get_num_threads()} CPU thread(s)).",
         "",
         "## What the prompts do under CFG",

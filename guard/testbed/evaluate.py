@@ -57,8 +57,11 @@ def _describe(config: GuardConfig) -> str:
         text += f" r={config.repulsion_scale:g}"
         if config.orthogonalize:
             text += " ortho"
-        if config.gate_threshold is not None:
-            text += f" gate={config.gate_threshold:g}"
+        if config.spike_tokens == "first-step":
+            text += " first-step tokens"
+        if config.gate_threshold is not None:  # the cosine gate as the sweep names it, any other by its detector
+            detector = "" if config.gate_detector == "cosine" else f"{config.gate_detector}@"
+            text += f" gate={detector}{config.gate_threshold:.4g}"
     return text
 
 
