@@ -2,7 +2,7 @@
 and the memorization gate chosen on them.
 
     python -m guard.testbed.detection_study --out DIR [--seeds 4] [--steps 20] [--score-steps 1,2,5]
-                                            [--gate-sweep [--write-default]]
+                                            [--gate-sweep [--write-default] | --surgical | --holdout]
 
 For every memorized item's variants (:mod:`guard.testbed.variants`) and every plain caption (as
 is, and credited to the training data's made-up artists), it samples under CFG to see which
@@ -16,8 +16,9 @@ variants as well as the exact captions: the lowest mean SSIM to the related memo
 among settings whose alignment to the asked caption stays within 15% of CFG's, whose plain
 prompts stay aligned (at least 95% of the plain samples CFG draws right, same prompt and seed, and
 within 15% of CFG's alignment) and whose copies are at most half CFG's, measured on sweep seeds;
-the best three are re-measured on fresh seeds, where the choice is made; ``--write-default``
-records it with the shipped weights.
+the best three are re-measured on other seeds, where the choice is made; ``--write-default``
+records it with the shipped weights. ``--surgical`` measures what GUARD draws for a trigger attached
+to another caption, ``--holdout`` the recorded setting against CFG on seeds no stage chooses on.
 """
 
 from __future__ import annotations
