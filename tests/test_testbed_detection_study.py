@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from guard.testbed import defaults, plain_prompts
+from guard.testbed import defaults, memorized_items, plain_prompts
 from guard.testbed.detection_study import bootstrap, main, roc_auc, tpr_at_fpr
 
 
@@ -193,7 +193,7 @@ def test_the_holdout_stage_measures_the_recorded_setting_against_cfg(monkeypatch
                                         "aligned to the asked caption", "plain aligned",
                                         "plain kept aligned (of CFG's aligned)"]  # fmt: skip
     counts = {row[0]: int(row[3]) for row in rows}
-    kinds = [v.kind for v in memorized(study_items())]
+    kinds = [v.kind for v in memorized(memorized_items()[:1])]
     assert counts["copies, all variants"] == len(kinds) and counts["plain aligned"] == 2  # plain[::2] of 4, one seed
     assert counts["copies, partial trigger"] == kinds.count("partial trigger")
     for row in rows:
@@ -205,9 +205,3 @@ def test_the_holdout_stage_measures_the_recorded_setting_against_cfg(monkeypatch
     recorded = defaults.testbed_guard_config(None)
     assert f"alpha={recorded.spike_scale:g} r={recorded.repulsion_scale:g}" in text
     assert ("first-step tokens" in text) == (recorded.spike_tokens == "first-step")
-
-
-def study_items():
-    from guard.testbed import memorized_items
-
-    return [item for index, item in enumerate(memorized_items()) if index == 0]

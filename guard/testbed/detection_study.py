@@ -71,17 +71,22 @@ def tpr_at_fpr(positives: np.ndarray, negatives: np.ndarray, fpr: float = FPR) -
     return float(np.mean(positives > threshold))
 
 
-def bootstrap(statistic, positives: list[np.ndarray], negatives: list[np.ndarray], rounds: int = 1000,
+def bootstrap(statistic, positives: list[np.ndarray], negatives: list[np.ndarray] | None = None, rounds: int = 1000,
               seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
     """The statistic on all samples and its 95% percentile interval, resampling prompts (each
-    prompt's samples stay together: images of one prompt are not independent)."""
+    prompt's samples stay together: images of one prompt are not independent). Without
+    ``negatives`` the statistic takes the positives alone."""
     rng = np.random.default_rng(seed)
-    value = statistic(np.concatenate(positives), np.concatenate(negatives))
+
+    def on(pos, neg):
+        return statistic(np.concatenate(pos)) if neg is None else statistic(np.concatenate(pos), np.concatenate(neg))
+
+    value = on(positives, negatives)
     draws = []
     for _ in range(rounds):
         pos = [positives[i] for i in rng.integers(len(positives), size=len(positives))]
-        neg = [negatives[i] for i in rng.integers(len(negatives), size=len(negatives))]
-        draws.append(statistic(np.concatenate(pos), np.concatenate(neg)))
+        neg = None if negatives is None else [negatives[i] for i in rng.integers(len(negatives), size=len(negatives))]
+        draws.append(on(pos, neg))
     low, high = np.quantile(draws, [0.025, 0.975])
     return value, float(low), float(high)
 
@@ -584,16 +589,11 @@ def surgical_study(pipe, items, config: GuardConfig, args) -> list[str]:
 def prompt_interval(values: np.ndarray, where: np.ndarray, rounds: int = 2000) -> tuple[float, float, float]:
     """The mean of ``values[where]`` over (prompts, seeds) and its 95% bootstrap interval, resampling
     prompts (rows) with all their seeds: a prompt's samples are not independent of each other."""
-    rows = np.flatnonzero(where.any(axis=1))
-    if rows.size == 0:
+    per_prompt = [values[p][where[p]].astype(np.float64) for p in np.flatnonzero(where.any(axis=1))]
+    if not per_prompt:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(rounds):
-        pick = rng.choice(rows, rows.size)
-        draws.append(values[pick][where[pick]].astype(np.float64).mean())
-    low, high = np.quantile(draws, [0.025, 0.975])
-    return float(values[where].astype(np.float64).mean()), float(low), float(high)
+    value, low, high = bootstrap(np.mean, per_prompt, rounds=rounds)
+    return float(value), low, high
 
 
 def holdout_study(pipe, items, config: GuardConfig, args) -> list[str]:
